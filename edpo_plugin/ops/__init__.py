@@ -1,0 +1,136 @@
+"""The ε-DPO log-prob head: one public entry point over several implementations.
+
+``linear_logprobs`` turns last hidden states and ``lm_head`` weights of the policy and the reference into four
+per-token log-prob streams. Implementations, chosen by ``impl``:
+
+- ``"naive"``: materialises ``[tokens × vocab]`` logits (the authors' reference trainer's way).
+- ``"chunked"``: PyTorch, token chunks × vocabulary tiles with an online logsumexp; CPU and GPU.
+- ``"triton"``: a Triton kernel for the statistics sweep (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+- ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports, else ``"chunked"``.
+
+Imports only torch (and triton, lazily).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, chunked_linear_logprobs
+from edpo_plugin.ops.naive import naive_linear_logprobs
+
+IMPLS = ("auto", "naive", "chunked", "triton")
+
+__all__ = ["IMPLS", "LinearLogprobs", "linear_logprobs", "resolve_impl", "triton_available"]
+
+
+class LinearLogprobs(NamedTuple):
+    """Per-token log-probs, each fp32 with the shape of ``labels``; 0 where ``labels == ignore_index``.
+
+    ``policy`` = log softmax(z_θ)[y] (carries the gradient), ``ref`` = log softmax(z_ref)[y],
+    ``plus`` = log softmax((1+ε)z_θ − εz_ref)[y], ``minus`` = log softmax((1−ε)z_θ + εz_ref)[y].
+    """
+
+    policy: torch.Tensor
+    ref: torch.Tensor
+    plus: torch.Tensor
+    minus: torch.Tensor
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``impl`` (one of :data:`IMPLS`) to a concrete implementation for tensors on ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+    return impl
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    epsilon: float,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> LinearLogprobs:
+    """Policy, reference and both ε-mix log-probs of ``labels`` from hidden states and ``lm_head`` weights.
+
+    Args:
+        hidden: policy last hidden states ``[..., d]`` (fp32, bf16 or fp16), position ``t`` predicting ``labels[t]``.
+        weight: policy ``lm_head`` weight ``[V, d]``.
+        labels: target token ids ``[...]`` (int64), same leading shape as ``hidden``.
+        ref_hidden: reference hidden states, same shape as ``hidden`` (treated as constant).
+        ref_weight: reference ``lm_head`` weight ``[V, d]`` (may be ``weight`` itself, e.g. PEFT's frozen head).
+        epsilon: the ε of the two mixes, ``0 < ε < 1``.
+        bias, ref_bias: optional ``lm_head`` biases ``[V]``.
+        ignore_index: label value whose positions get 0 in every stream and no gradient.
+        impl: ``"auto"``, ``"naive"``, ``"chunked"`` or ``"triton"``.
+        token_chunk, vocab_chunk: tile sizes of the fused paths (rows of tokens, columns of vocabulary).
+
+    Returns:
+        :class:`LinearLogprobs` of fp32 tensors shaped like ``labels``. Gradient flows from ``policy`` to
+        ``hidden``, and to ``weight``/``bias`` when they require grad.
+    """
+    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias)
+    lead_shape = labels.shape
+    d = hidden.shape[-1]
+    flat = (hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon))
+    kind = resolve_impl(impl, hidden.device)
+    if kind == "naive":
+        streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index)
+    else:
+        streams = chunked_linear_logprobs(
+            *flat,
+            bias,
+            ref_bias,
+            ignore_index,
+            token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk,
+            use_triton=kind == "triton",
+        )
+    return LinearLogprobs(*(s.reshape(lead_shape) for s in streams))
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    epsilon: float,
+    bias: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+) -> None:
+    if not 0.0 < float(epsilon) < 1.0:
+        raise ValueError(f"epsilon must lie strictly between 0 and 1, got {epsilon!r}.")
+    if hidden.shape != ref_hidden.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} must match.")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}.")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}.")
+    for name, w in (("weight", weight), ("ref_weight", ref_weight)):
+        if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{name} must be [V, {hidden.shape[-1]}], got {tuple(w.shape)}.")
+    if weight.shape[0] != ref_weight.shape[0]:
+        raise ValueError(f"weight and ref_weight disagree on the vocabulary: {weight.shape[0]} vs {ref_weight.shape[0]}.")
+    for name, b in (("bias", bias), ("ref_bias", ref_bias)):
+        if b is not None and b.shape != (weight.shape[0],):
+            raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")

@@ -1,0 +1,43 @@
+"""Materialising log-prob head: full ``[tokens × vocab]`` logits for all four streams.
+
+This is what the authors' reference trainer does, kept as the simple baseline (``impl="naive"``) and as a
+readable statement of what the fused paths compute. Logits are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    epsilon: float,
+    bias: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs ``(policy, ref, plus, minus)``, each fp32 ``[N]``, 0 where ``labels == ignore_index``.
+
+    ``hidden``/``ref_hidden``: ``[N, d]``; ``weight``/``ref_weight``: ``[V, d]``; ``labels``: ``[N]`` int64.
+    Only ``policy`` carries a gradient.
+    """
+    valid = labels != ignore_index
+    targets = labels.masked_fill(~valid, 0).unsqueeze(-1)
+
+    def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        picked = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+        return torch.where(valid, picked, torch.zeros_like(picked))
+
+    policy_logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    with torch.no_grad():
+        ref_logits = F.linear(ref_hidden.float(), ref_weight.float(), None if ref_bias is None else ref_bias.float())
+        z = policy_logits.detach()
+        plus = token_logprobs((1 + epsilon) * z - epsilon * ref_logits)
+        minus = token_logprobs((1 - epsilon) * z + epsilon * ref_logits)
+        ref = token_logprobs(ref_logits)
+    return token_logprobs(policy_logits), ref, plus, minus
