@@ -114,10 +114,15 @@ class BetaController:
         self.epsilon = float(epsilon)
         self._pending: torch.Tensor | None = None  # float64 [4]: sum s_i, count, #(+1), #(-1)
 
-    def accumulate(self, decisions: torch.Tensor) -> None:
-        """Add one micro-batch of decisions ``[B]`` (values in {−1, 0, 1}) without a host sync."""
+    def accumulate(self, decisions: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add one micro-batch of decisions ``[B]`` (values in {−1, 0, 1}) without a host sync.
+
+        ``mask`` (bool ``[B]``, optional) leaves out pairs that did not contribute to the loss.
+        """
         d = decisions.detach().to(torch.float64).reshape(-1)
-        stats = torch.stack([d.sum(), d.new_tensor(d.numel()), (d > 0).sum().double(), (d < 0).sum().double()])
+        keep = torch.ones_like(d) if mask is None else mask.detach().reshape(-1).to(d)
+        d = d * keep
+        stats = torch.stack([d.sum(), keep.sum(), (d > 0).sum().double(), (d < 0).sum().double()])
         self._pending = stats if self._pending is None else self._pending + stats.to(self._pending.device)
 
     def step(self) -> dict[str, float] | None:

@@ -1,0 +1,82 @@
+"""``EpsilonDPOConfig``: TRL's ``DPOConfig`` plus ε and the log-prob head settings, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig
+
+from edpo_plugin.loss import check_epsilon_beta
+from edpo_plugin.ops import IMPLS
+from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+
+
+@dataclass
+class EpsilonDPOConfig(DPOConfig):
+    """Configuration of :class:`~edpo_plugin.trainer.EpsilonDPOTrainer`.
+
+    ``beta`` is the initial β; it then moves once per optimizer step by ``β ← β / (1 + ε·s̄)``.
+    """
+
+    epsilon: float = field(
+        default=0.01,
+        metadata={"help": "ε of the perturbed policies and of the β update; 0 < ε < 1 (paper: 0.005, 0.01, 0.02)."},
+    )
+    edpo_head: str = field(
+        default="auto",
+        metadata={
+            "help": "Log-prob head: 'auto' (Triton on CUDA, else chunked), 'chunked', 'triton' or 'naive' "
+            "(materialises full-vocabulary logits, as the authors' reference trainer does).",
+            "choices": list(IMPLS),
+        },
+    )
+    edpo_head_token_chunk: int = field(
+        default=DEFAULT_TOKEN_CHUNK, metadata={"help": "Completion tokens per chunk in the fused head."}
+    )
+    edpo_head_vocab_chunk: int = field(
+        default=DEFAULT_VOCAB_CHUNK, metadata={"help": "Vocabulary columns per tile in the fused head."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_edpo_args(self)
+
+
+def validate_edpo_args(args: Any) -> None:
+    """Refuse settings that ε-DPO cannot honour, naming the option. ``args`` is a ``DPOConfig`` with ε fields."""
+    for name in ("epsilon", "edpo_head", "edpo_head_token_chunk", "edpo_head_vocab_chunk"):
+        if not hasattr(args, name):
+            raise TypeError(f"{type(args).__name__} has no `{name}`: pass an EpsilonDPOConfig to EpsilonDPOTrainer.")
+    check_epsilon_beta(args.beta, args.epsilon)
+    loss_type = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if loss_type != ["sigmoid"]:
+        raise ValueError(f"ε-DPO defines only the sigmoid loss: set loss_type='sigmoid' (got {args.loss_type!r}).")
+    if args.loss_weights not in (None, [1.0]):
+        raise ValueError(f"loss_weights={args.loss_weights!r} has no meaning for ε-DPO's single loss; leave it unset.")
+    if args.precompute_ref_log_probs:
+        raise ValueError(
+            "precompute_ref_log_probs=True cannot be used with ε-DPO: the perturbed policies mix policy and reference "
+            "logits over the whole vocabulary at every completion token, so the reference forward must run each "
+            "step. Set precompute_ref_log_probs=False."
+        )
+    if getattr(args, "reference_free", False):
+        raise ValueError("reference_free=True is impossible for ε-DPO: the perturbed policies need the reference.")
+    if args.f_divergence_type != "reverse_kl":
+        raise ValueError(f"ε-DPO uses the reverse-KL (standard DPO) form: set f_divergence_type='reverse_kl'.")
+    if args.ld_alpha is not None:
+        raise ValueError("ld_alpha (LD-DPO length weighting) is not part of ε-DPO: leave ld_alpha unset.")
+    if args.use_weighting:
+        raise ValueError("use_weighting (WPO) is not part of ε-DPO: set use_weighting=False.")
+    if args.use_liger_kernel:
+        raise ValueError(
+            "use_liger_kernel=True selects TRL's Liger DPO loss, which ε-DPO replaces with its own fused head: "
+            "set use_liger_kernel=False and choose the head with edpo_head."
+        )
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {args.label_smoothing!r}.")
+    if args.edpo_head not in IMPLS:
+        raise ValueError(f"edpo_head must be one of {IMPLS}, got {args.edpo_head!r}.")
+    for name in ("edpo_head_token_chunk", "edpo_head_vocab_chunk"):
+        if int(getattr(args, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)!r}.")

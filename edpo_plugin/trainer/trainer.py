@@ -1,0 +1,229 @@
+"""``EpsilonDPOTrainer``: TRL's ``DPOTrainer`` with ε-DPO's per-pair β, fused log-prob head and β controller.
+
+Per micro-batch: the policy and reference backbones run to last hidden states (full logits are never built),
+``edpo_plugin.ops.linear_logprobs`` returns the policy, reference and both ε-mix token log-probs, and
+``edpo_plugin.loss.edpo_loss`` applies the sigmoid loss with β_i. Decisions are accumulated; after every optimizer
+step a callback applies ``β ← β / (1 + ε·s̄)`` and logs ``kl/*``. β is written to ``edpo_state.json`` beside every
+saved model and restored by ``train(resume_from_checkpoint=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOTrainer
+from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
+from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+
+from edpo_plugin.loss import BetaController, edpo_loss
+from edpo_plugin.ops import linear_logprobs
+from edpo_plugin.trainer.config import validate_edpo_args
+
+logger = logging.getLogger(__name__)
+
+EDPO_STATE_NAME = "edpo_state.json"
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+class EpsilonDPOTrainer(DPOTrainer):
+    """ε-DPO trainer for plain TRL; takes the same arguments as ``trl.DPOTrainer`` with an ``EpsilonDPOConfig``.
+
+    The reference is ``ref_model`` when given, else (PEFT) the policy with its adapters disabled, else a fresh
+    copy of the base model loaded by TRL.
+    """
+
+    _tag_names = ["trl", "dpo", "edpo"]
+    _name = "ε-DPO"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if training_args is None:
+            raise ValueError("EpsilonDPOTrainer needs `args`: an EpsilonDPOConfig (ε, β, head settings).")
+        validate_edpo_args(training_args)
+        super().__init__(*args, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "ε-DPO does not add the MoE router auxiliary loss: set router_aux_loss_coef=0.0 for this model."
+            )
+        _refuse_adapter_on_lm_head(self.model)
+        self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
+        self._warned_empty_completion = False
+        self._edpo_forward_redirection = _ForwardRedirection()
+        self.add_callback(_BetaUpdateCallback(self))
+
+    # ----------------------------------------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("ε-DPO never materialises logits, so compute_loss cannot return model outputs.")
+        unwrapped = self.accelerator.unwrap_model(model)
+        if unwrapped is not model:
+            # DDP / DeepSpeed / FSDP: run inside the wrapper's forward so its gradient-sync and ZeRO-3 hooks fire.
+            return self._edpo_forward_redirection(model, unwrapped, self._compute_edpo_loss, unwrapped, inputs)
+        return self._compute_edpo_loss(model, inputs)
+
+    def _compute_edpo_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+
+        causal_lm = model.base_model.model if is_peft_model(model) else model
+        hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
+        head = causal_lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                    ref_hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
+                    ref_head = causal_lm.get_output_embeddings()
+                    ref_weight, ref_bias = ref_head.weight, ref_head.bias
+            else:
+                ref = self.accelerator.unwrap_model(self.ref_model)
+                ref_lm = ref.base_model.model if is_peft_model(ref) else ref
+                ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
+                ref_head = ref_lm.get_output_embeddings()
+                ref_weight, ref_bias = ref_head.weight, ref_head.bias
+
+        completion = inputs["completion_mask"][:, 1:].bool()
+        labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
+        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            streams = linear_logprobs(
+                hidden,
+                weight,
+                labels,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                epsilon=self.args.epsilon,
+                bias=bias,
+                ref_bias=ref_bias,
+                impl=self.args.edpo_head,
+                token_chunk=self.args.edpo_head_token_chunk,
+                vocab_chunk=self.args.edpo_head_vocab_chunk,
+            )
+        policy, ref_lp, plus, minus = (s.sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
+        out = edpo_loss(
+            policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
+            beta=self.beta_controller.beta,
+            epsilon=self.args.epsilon,
+            label_smoothing=self.args.label_smoothing,
+        )  # fmt: skip
+
+        # A pair with no completion token left (empty completion, or truncated away) carries no signal: it is
+        # left out of the loss and of β's statistics, with a warning.
+        n_completion = completion.sum(-1).chunk(2)
+        contributes = (n_completion[0] > 0) & (n_completion[1] > 0)
+        n_pairs = contributes.sum()
+        loss = (out.losses * contributes).sum() / n_pairs.clamp(min=1)
+        if not self._warned_empty_completion and not bool(contributes.all()):
+            self._warned_empty_completion = True
+            logger.warning(
+                "ε-DPO: a pair whose chosen or rejected completion has no token after truncation (max_length=%s) was "
+                "left out of the loss and of the β update. Raise max_length or drop such rows from the dataset.",
+                self.args.max_length,
+            )
+
+        if mode == "train":
+            self.beta_controller.accumulate(out.decisions, contributes)
+        self._log_pair_metrics(mode, inputs, out, policy, contributes)
+        return loss
+
+    def _log_pair_metrics(self, mode, inputs, out, policy, contributes) -> None:
+        gather = self.accelerator.gather
+        metrics = self._metrics[mode]
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        keep = gather(contributes.float())
+        n = keep.sum().clamp(min=1)
+
+        def mean(t: torch.Tensor) -> float:
+            return ((gather(t.detach().float()) * keep).sum() / n).item()
+
+        chosen, rejected = out.chosen_rewards, out.rejected_rewards
+        metrics["rewards/chosen"].append(mean(chosen))
+        metrics["rewards/rejected"].append(mean(rejected))
+        metrics["rewards/accuracies"].append(mean((chosen > rejected).float()))
+        metrics["rewards/margins"].append(mean(chosen - rejected))
+        metrics["logps/chosen"].append(mean(policy[0]))
+        metrics["logps/rejected"].append(mean(policy[1]))
+        if mode == "eval":  # training logs these once per optimizer step, from the β controller
+            metrics["kl/beta"].append(self.beta_controller.beta)
+            metrics["kl/avg_steps"].append(mean(out.decisions))
+            metrics["kl/p_epsilon_steps"].append(mean((out.decisions > 0).float()))
+            metrics["kl/n_epsilon_steps"].append(mean((out.decisions < 0).float()))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------------- β
+
+    def _apply_beta_update(self) -> None:
+        """Called once per optimizer step (after ``optimizer.step``): move β and log what moved it."""
+        logged = self.beta_controller.step()
+        if logged is None:
+            return
+        for key, value in logged.items():
+            self._metrics["train"][f"kl/{key}"].append(value)
+        self.beta = self.beta_controller.beta
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, EDPO_STATE_NAME), "w") as f:
+                json.dump(self.beta_controller.state_dict(), f, indent=2)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            state_file = os.path.join(checkpoint, EDPO_STATE_NAME)
+            if os.path.isfile(state_file):
+                with open(state_file) as f:
+                    self.beta_controller.load_state_dict(json.load(f))
+                self.beta = self.beta_controller.beta
+            else:
+                logger.warning(
+                    "Checkpoint %s has no %s (not written by ε-DPO): β restarts from beta=%s.",
+                    checkpoint,
+                    EDPO_STATE_NAME,
+                    self.args.beta,
+                )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class _BetaUpdateCallback(TrainerCallback):
+    """Applies the β update at the end of every optimizer step (training only; evaluation never moves β)."""
+
+    def __init__(self, trainer: EpsilonDPOTrainer) -> None:
+        self._trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._trainer._apply_beta_update()
+
+
+def _refuse_adapter_on_lm_head(model: torch.nn.Module) -> None:
+    """The head reads ``lm_head.weight`` directly: a LoRA adapter on ``lm_head`` would silently never train."""
+    if not is_peft_model(model):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ValueError(
+            "A PEFT adapter on lm_head is not supported by ε-DPO's fused head (it reads lm_head.weight directly, so "
+            "the adapter would never train). Remove 'lm_head' from lora_target_modules / target_modules; to train "
+            "the head, list it in modules_to_save instead."
+        )
