@@ -14,8 +14,10 @@ Backward (gradient of the policy stream only; the rest are constants):
 - trainable head: backward recomputes the policy logits tile by tile from the saved logsumexp and produces the
   hidden, weight and bias gradients. Five matmul-equivalents in all.
 
-``use_triton=True`` swaps the forward statistics sweep for the Triton kernel in ``triton_lse.py``; its backward
-always recomputes (four matmul-equivalents with a frozen head).
+``use_triton=True`` swaps the forward statistics sweep for the Triton kernel in ``triton_lse.py`` when the head is
+frozen; the backward then sweeps the policy logits once more to rebuild the hidden-state gradient (four
+matmul-equivalents in all). With a trainable head the PyTorch sweep is used, so that the recompute backward
+normalises with a logsumexp from the same arithmetic.
 """
 
 from __future__ import annotations
@@ -89,10 +91,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
         want_hidden = ctx.needs_input_grad[0]
         head_trainable = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-        keep_direction = want_hidden and not head_trainable and not use_triton
+        # The recompute backward normalises with the forward's logsumexp, so with a trainable head both must come
+        # from the same matmul arithmetic: the Triton sweep is used for frozen heads only.
+        triton_stats = use_triton and not head_trainable
+        keep_direction = want_hidden and not head_trainable and not triton_stats
 
         direction = None
-        if use_triton:
+        if triton_stats:
             from edpo_plugin.ops.triton_lse import triton_mix_lse
 
             lse = triton_mix_lse(h, w, b, hr, wr, br, epsilon, shared=shared)
@@ -116,10 +121,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
         if direction is not None:
             ctx.save_for_backward(valid_idx, direction)
-            ctx.recompute = False
+            ctx.mode = "direction"
+        elif triton_stats:
+            ctx.save_for_backward(valid_idx, y, h, weight, bias)
+            ctx.mode = "direction_sweep"
         else:
             ctx.save_for_backward(valid_idx, y, lse[0].contiguous(), h, weight, bias)
-            ctx.recompute = True
+            ctx.mode = "recompute"
         return outputs
 
     @staticmethod
@@ -127,10 +135,14 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = ctx.has_bias and ctx.needs_input_grad[2]
         grad_hidden = grad_weight = grad_bias = None
-        if not ctx.recompute:
+        if ctx.mode == "direction":
             valid_idx, direction = ctx.saved_tensors
             g = grad_policy.index_select(0, valid_idx).float()
             grad_valid = direction * g[:, None]
+        elif ctx.mode == "direction_sweep":
+            valid_idx, y, h, weight, bias = ctx.saved_tensors
+            g = grad_policy.index_select(0, valid_idx).float()
+            grad_valid = _policy_direction(h, weight, bias, y, ctx.token_chunk, ctx.vocab_chunk) * g[:, None]
         else:
             valid_idx, y, lse, h, weight, bias = ctx.saved_tensors
             g = grad_policy.index_select(0, valid_idx).float()
@@ -208,6 +220,34 @@ def _lse_sweep(
             expect.div_(run_sum[0].unsqueeze(1))
             direction[m0:m1] = w.index_select(0, y[m0:m1]).float() - expect
     return lse, direction
+
+
+def _policy_direction(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, token_chunk: int, vocab_chunk: int
+) -> torch.Tensor:
+    """fp32 ``[M, d]``: ``W[y] − softmax(W h + b)ᵀ W`` by one online sweep (self-normalised, frozen head)."""
+    n_valid, d = h.shape
+    w = weight.detach()
+    out = torch.empty(n_valid, d, dtype=torch.float32, device=h.device)
+    for m0 in range(0, n_valid, token_chunk):
+        m1 = min(m0 + token_chunk, n_valid)
+        hc = h[m0:m1].float()
+        run_max = torch.full((m1 - m0,), float("-inf"), dtype=torch.float32, device=h.device)
+        run_sum = torch.zeros(m1 - m0, dtype=torch.float32, device=h.device)
+        expect = torch.zeros(m1 - m0, d, dtype=torch.float32, device=h.device)
+        for v0 in range(0, w.shape[0], vocab_chunk):
+            wt = w[v0 : v0 + vocab_chunk].float()
+            z = hc @ wt.t()
+            if bias is not None:
+                z.add_(bias.detach()[v0 : v0 + vocab_chunk].float())
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            p = z.sub_(new_max.unsqueeze(1)).exp_()
+            rescale = torch.exp(run_max - new_max)
+            run_sum.mul_(rescale).add_(p.sum(dim=1))
+            expect.mul_(rescale.unsqueeze(1)).addmm_(p, wt)
+            run_max = new_max
+        out[m0:m1] = w.index_select(0, y[m0:m1]).float() - expect.div_(run_sum.unsqueeze(1))
+    return out
 
 
 def _recompute_grads(

@@ -1,0 +1,172 @@
+"""The log-prob head against float64 logits materialised from the same inputs (spec_reference.token_logprobs64)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from spec_reference import decisions64, token_logprobs64
+
+from edpo_plugin.loss import epsilon_decisions
+from edpo_plugin.ops import linear_logprobs, triton_available
+
+
+@dataclass(frozen=True)
+class Case:
+    seqs: int
+    seq_len: int
+    dim: int
+    vocab: int
+    dtype: torch.dtype
+    shared: bool
+    bias: bool
+    trainable_head: bool
+    big_logits: bool
+    token_chunk: int
+    vocab_chunk: int
+    seed: int
+
+
+def _cases(n: int) -> list[Case]:
+    rng = random.Random(1234)
+    out = []
+    for i in range(n):
+        out.append(
+            Case(
+                seqs=rng.choice([2, 4, 6]),
+                seq_len=rng.choice([5, 11, 23]),  # relative error is a norm over a case: keep several tokens
+                dim=rng.choice([8, 24, 40]),
+                vocab=rng.choice([17, 101, 257, 1031]),  # odd sizes, never a multiple of the tile
+                dtype=torch.bfloat16 if i % 3 == 2 else torch.float32,
+                shared=i % 2 == 0,
+                bias=i % 4 in (1, 2),
+                trainable_head=i % 5 in (0, 3),
+                big_logits=i % 4 == 3,
+                token_chunk=rng.choice([3, 16, 64]),
+                vocab_chunk=rng.choice([7, 32, 128]),
+                seed=i,
+            )
+        )
+    return out
+
+
+CASES = _cases(24)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _inputs(case: Case):
+    g = torch.Generator().manual_seed(case.seed)
+    scale = 14.0 if case.big_logits else 1.0  # logits of magnitude ~1e3 with big_logits
+
+    def rand(*shape):
+        return (scale * torch.randn(*shape, generator=g)).to(case.dtype)
+
+    n = case.seqs * case.seq_len
+    hidden = rand(case.seqs, case.seq_len, case.dim).requires_grad_()
+    ref_hidden = rand(case.seqs, case.seq_len, case.dim)
+    weight = rand(case.vocab, case.dim).requires_grad_(case.trainable_head)
+    ref_weight = weight if case.shared else rand(case.vocab, case.dim)
+    bias = rand(case.vocab).requires_grad_(case.trainable_head) if case.bias else None
+    ref_bias = (bias if case.shared else rand(case.vocab)) if case.bias else None
+    labels = torch.randint(0, case.vocab, (case.seqs, case.seq_len), generator=g)
+    labels[torch.rand(case.seqs, case.seq_len, generator=g) < 0.3] = -100  # scattered prompt/pad positions
+    labels[0] = -100  # one fully masked row
+    assert n > 0
+    return hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _check_case(case: Case, impl: str) -> None:
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels = _inputs(case)
+    eps = 0.05
+    out = linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=eps,
+                          bias=bias, ref_bias=ref_bias, impl=impl,
+                          token_chunk=case.token_chunk, vocab_chunk=case.vocab_chunk)  # fmt: skip
+
+    leaves = [hidden] + ([weight] if case.trainable_head else []) + ([bias] if case.trainable_head and bias is not None else [])
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    h64 = leaves64[0]
+    w64 = leaves64[1] if case.trainable_head else weight.detach()
+    b64 = (leaves64[2] if case.trainable_head else bias.detach()) if bias is not None else None
+    want = token_logprobs64(h64, w64, labels, ref_hidden, w64 if case.shared else ref_weight, eps, b64,
+                            (b64 if case.shared else ref_bias) if bias is not None else None)  # fmt: skip
+
+    tol = TOL[case.dtype]
+    for name, got, ref in zip(("policy", "ref", "plus", "minus"), out, want):
+        assert got.dtype == torch.float32 and got.shape == labels.shape
+        assert torch.isfinite(got).all()
+        assert (got[labels == -100] == 0).all(), f"{name}: ignored positions must be exactly 0"
+        assert _rel(got, ref) <= tol, f"{name}: relative error {_rel(got, ref):.2e} > {tol}"
+
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(case.seed + 99), dtype=torch.float64)
+    grads = torch.autograd.grad((out.policy.double() * upstream).sum(), leaves)
+    grads64 = torch.autograd.grad((want[0] * upstream).sum(), leaves64)
+    for got, ref in zip(grads, grads64):
+        assert _rel(got, ref) <= tol, f"gradient relative error {_rel(got, ref):.2e} > {tol}"
+    assert (grads[0][labels == -100] == 0).all()
+
+    # decisions over pairs (row 2k chosen, row 2k+1 rejected) agree wherever the float64 margin exceeds 1e-4
+    seq = [s.double().sum(-1) for s in out]
+    seq64 = [s.detach().sum(-1) for s in want]
+    got_s = epsilon_decisions(seq[0][0::2] - seq[0][1::2], seq[2][0::2] - seq[2][1::2], seq[3][0::2] - seq[3][1::2])
+    want_s = decisions64(seq64[0][0::2], seq64[0][1::2], seq64[2][0::2], seq64[2][1::2], seq64[3][0::2], seq64[3][1::2])
+    L = seq64[0][0::2] - seq64[0][1::2]
+    margin = torch.minimum((seq64[2][0::2] - seq64[2][1::2] - L).abs(), (L - seq64[3][0::2] + seq64[3][1::2]).abs())
+    clear = margin > 1e-4
+    assert torch.equal(got_s.double()[clear], want_s[clear])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c.seed}" for c in CASES])
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_parity_with_float64(case: Case, impl: str):
+    _check_case(case, impl)
+
+
+TRITON_CASES = [c for c in CASES if c.seqs * c.seq_len * c.vocab <= 40_000][:8]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[f"case{c.seed}" for c in TRITON_CASES])
+def test_triton_parity_with_float64(case: Case):
+    _check_case(case, "triton")
+
+
+def test_triton_cases_cover_dtypes_and_sharing():
+    assert len(TRITON_CASES) >= 6
+    assert {c.dtype for c in TRITON_CASES} == {torch.float32, torch.bfloat16}
+    assert {c.shared for c in TRITON_CASES} == {True, False}
+    assert any(not c.trainable_head for c in TRITON_CASES)  # the Triton sweep runs for frozen heads
+
+
+def test_all_positions_ignored_gives_zeros_and_zero_grad():
+    h = torch.randn(3, 5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    labels = torch.full((3, 5), -100)
+    for impl in ("naive", "chunked"):
+        out = linear_logprobs(h, w, labels, ref_hidden=torch.randn(3, 5, 8), ref_weight=w, epsilon=0.1, impl=impl)
+        assert all((s == 0).all() for s in out)
+        gh, gw = torch.autograd.grad(out.policy.sum(), [h, w], allow_unused=True, materialize_grads=True)
+        assert (gh == 0).all() and (gw == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"epsilon": 1.0}, "epsilon"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"impl": "cuda"}, "impl"),
+        ({"ref_hidden": torch.randn(2, 4)}, "ref_hidden"),
+        ({"ref_weight": torch.randn(9, 4)}, "vocabulary"),
+        ({"bias": torch.randn(3)}, "bias"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    args = {"ref_hidden": torch.randn(3, 4), "ref_weight": torch.randn(7, 4), "epsilon": 0.1}
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_logprobs(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([1, 2, 3]), **args)
