@@ -47,6 +47,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         if training_args is None:
             raise ValueError("EpsilonDPOTrainer needs `args`: an EpsilonDPOConfig (ε, β, head settings).")
         validate_edpo_args(training_args)
+        for position, name in ((4, "train_dataset"), (5, "eval_dataset")):
+            _check_preference_columns(kwargs.get(name, args[position] if len(args) > position else None), name)
         super().__init__(*args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError(
@@ -213,6 +215,21 @@ class _BetaUpdateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._trainer._apply_beta_update()
+
+
+def _check_preference_columns(dataset: Any, name: str) -> None:
+    """A preference dataset needs ``chosen`` and ``rejected`` (``prompt`` may be implicit in them)."""
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        columns = getattr(ds, "column_names", None)
+        if not columns:  # None, or an IterableDataset whose features are unknown until read
+            continue
+        missing = [c for c in ("chosen", "rejected") if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{name} has no {' / '.join(repr(m) for m in missing)} column (columns: {columns}). ε-DPO needs "
+                "preference rows with 'prompt', 'chosen' and 'rejected' (TRL's preference format)."
+            )
 
 
 def _refuse_adapter_on_lm_head(model: torch.nn.Module) -> None:

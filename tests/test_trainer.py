@@ -1,0 +1,228 @@
+"""EpsilonDPOTrainer with plain TRL on the tiny default model (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from spec_reference import beta_trajectory64, decisions64, loss64
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edpo_plugin.trainer import EDPO_STATE_NAME, EpsilonDPOConfig, EpsilonDPOTrainer
+
+BETA, EPS = 0.1, 0.2
+
+
+def _config(out, **overrides) -> EpsilonDPOConfig:
+    kwargs = dict(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
+        learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+        beta=BETA, epsilon=EPS, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=64,
+        edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return EpsilonDPOConfig(**kwargs)
+
+
+def _trainer(tiny, out, n_rows=16, peft_config=None, dataset=None, **overrides) -> EpsilonDPOTrainer:
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    ref = None if peft_config is not None else copy.deepcopy(model)
+    if dataset is None:
+        dataset = load_dataset("json", data_files=str(tiny["train"]), split="train").select(range(n_rows))
+    return EpsilonDPOTrainer(model=model, ref_model=ref, args=_config(out, **overrides), train_dataset=dataset,
+                             processing_class=tok, peft_config=peft_config)  # fmt: skip
+
+
+def _kl_logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "kl/beta" in h]
+
+
+def _streams64(model64, ref64, batch, eps):
+    """Four float64 token log-prob streams from full logits, summed per sequence; policy keeps its graph."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    z = model64(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+    with torch.no_grad():
+        zr = ref64(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+    mask = batch["completion_mask"][:, 1:].bool()
+    y = ids[:, 1:].unsqueeze(-1)
+
+    def seq(logits):
+        return (logits.log_softmax(-1).gather(-1, y).squeeze(-1) * mask).sum(-1)
+
+    zd = z.detach()
+    return seq(z), seq(zr), seq((1 + eps) * zd - eps * zr), seq((1 - eps) * zd + eps * zr)
+
+
+def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_path):
+    trainer = _trainer(tiny_default, tmp_path)
+    # move the policy away from the reference so that decisions are not all 0
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model64 = copy.deepcopy(trainer.model).double()
+    ref64 = copy.deepcopy(trainer.ref_model).double()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+
+    pol, ref, plus, minus = _streams64(model64, ref64, batch, EPS)
+    (pc, pr), (rc, rr), (plc, plr), (mic, mir) = (t.chunk(2) for t in (pol, ref, plus, minus))
+    s = decisions64(pc.detach(), pr.detach(), plc, plr, mic, mir)
+    want = loss64(pc, pr, rc, rr, s, BETA, EPS).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    n_checked = 0
+    for (name, p), p64 in zip(trainer.model.named_parameters(), model64.parameters()):
+        if p.grad is None:
+            continue
+        rel = ((p.grad.double() - p64.grad).norm() / p64.grad.norm()).item()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+        n_checked += 1
+    assert n_checked == sum(1 for _ in trainer.model.parameters())
+    # the β statistics of this micro-batch are the float64 decisions
+    logged = trainer.beta_controller.step()
+    assert logged["avg_steps"] == pytest.approx(s.mean().item(), abs=1e-12)
+
+
+def _beta_run(tiny, out, micro, accum, steps=5):
+    trainer = _trainer(tiny, out, n_rows=4 * steps, per_device_train_batch_size=micro,
+                       gradient_accumulation_steps=accum, max_steps=steps)  # fmt: skip
+    trainer.train()
+    logs = _kl_logs(trainer)
+    assert len(logs) == steps
+    return [h["kl/beta"] for h in logs], [h["kl/avg_steps"] for h in logs], trainer.beta_controller.beta
+
+
+def test_beta_trajectory_independent_of_micro_batch_and_accumulation(tiny_default, tmp_path):
+    runs = {shape: _beta_run(tiny_default, tmp_path / f"{shape[0]}x{shape[1]}", *shape) for shape in [(4, 1), (2, 2), (1, 4)]}
+    betas, avgs, final = runs[(4, 1)]
+    assert any(a != 0 for a in avgs), "the run should move β"
+    # β follows the rule from the logged values: β_{t+1} = β_t / (1 + ε s̄_t)
+    assert betas == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=1e-12)
+    for shape, (b, a, f) in runs.items():
+        assert b == pytest.approx(betas, rel=1e-6), shape
+        assert a == pytest.approx(avgs, abs=1e-6), shape
+        assert f == pytest.approx(final, rel=1e-6), shape
+
+
+def test_resume_equals_straight_run(tiny_default, tmp_path):
+    k = 3
+    straight = _trainer(tiny_default, tmp_path / "straight", n_rows=8 * k, max_steps=2 * k)
+    straight.train()
+
+    first = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k)
+    first.args.max_steps = k  # stop after k steps, with the schedule of a 2k run
+    first.train()
+    ckpt = tmp_path / "resumed" / f"checkpoint-{k}"
+    state = json.loads((ckpt / EDPO_STATE_NAME).read_text())
+    assert state["beta"] == pytest.approx(first.beta_controller.beta, rel=0)
+
+    second = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k)
+    assert second.beta_controller.beta == BETA
+    second.train(resume_from_checkpoint=str(ckpt))
+    assert second.beta_controller.beta == pytest.approx(straight.beta_controller.beta, rel=1e-6)
+    assert straight.beta_controller.beta != BETA
+    for p, q in zip(straight.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_does_not_move_beta(tiny_default, tmp_path):
+    trainer = _trainer(tiny_default, tmp_path, max_steps=2)
+    trainer.train()
+    beta = trainer.beta_controller.beta
+    metrics = trainer.evaluate(eval_dataset=load_dataset("json", data_files=str(tiny_default["eval"]), split="train"))
+    assert trainer.beta_controller.beta == beta
+    assert metrics["eval_kl/beta"] == pytest.approx(beta)
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_peft_reference_is_the_base_model(tiny_default, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(tiny_default, tmp_path, peft_config=lora, max_steps=3, learning_rate=2e-2)
+    assert trainer.ref_model is None
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    # fresh LoRA (B = 0): policy == reference, so every margin is 0, the loss is log 2 and no pair moves β
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert trainer.beta_controller.step()["avg_steps"] == 0.0
+    trainer.train()
+    logs = _kl_logs(trainer)
+    assert len(logs) == 3 and trainer.state.log_history[-2]["loss"] < math.log(2)
+    assert any(h["kl/p_epsilon_steps"] + h["kl/n_epsilon_steps"] > 0 for h in logs[1:])
+
+
+def test_empty_completion_pair_is_left_out(tiny_default, tmp_path, caplog):
+    trainer = _trainer(tiny_default, tmp_path)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(iter(trainer.get_train_dataloader()))
+    b = batch["input_ids"].shape[0] // 2
+    trainer.model.train()
+    others = [i for i in range(2 * b) if i not in (0, b)]  # every pair but pair 0
+    without_pair0 = trainer.compute_loss(trainer.model, {k: v[others] for k, v in batch.items()}).item()
+    emptied = dict(batch)
+    emptied["completion_mask"] = batch["completion_mask"].clone()
+    emptied["completion_mask"][0] = 0  # pair 0's chosen completion: no token left
+    with caplog.at_level("WARNING"):
+        loss = trainer.compute_loss(trainer.model, emptied)
+    assert "left out" in caplog.text
+    assert loss.item() == pytest.approx(without_pair0, rel=1e-6)
+    assert trainer.beta_controller._pending[1].item() == 2 * (b - 1)  # β counts only the contributing pairs
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"loss_type": "ipo"}, "loss_type"),
+        ({"loss_type": ["sigmoid", "sft"]}, "loss_type"),
+        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": 1.0}, "epsilon"),
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -0.1}, "beta"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
+        ({"edpo_head": "fast"}, "edpo_head"),
+        ({"label_smoothing": 0.5}, "label_smoothing"),
+    ],
+)
+def test_refused_options(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **overrides)
+
+
+def test_dataset_row_missing_chosen_is_refused(tiny_default, tmp_path):
+    bad = Dataset.from_list([{"prompt": "count up from two :", "rejected": "nine"}] * 4)
+    with pytest.raises(ValueError, match="chosen"):
+        _trainer(tiny_default, tmp_path, dataset=bad)
+
+
+def test_plain_dpo_config_is_refused(tiny_default, tmp_path):
+    from trl import DPOConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_default["model"])
+    ds = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(4))
+    with pytest.raises(TypeError, match="EpsilonDPOConfig"):
+        EpsilonDPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True), train_dataset=ds,
+                          processing_class=tok)  # fmt: skip
+
+
+def test_naive_and_chunked_heads_agree_on_a_step(tiny_default, tmp_path):
+    losses = {}
+    for head in ("naive", "chunked"):
+        trainer = _trainer(tiny_default, tmp_path / head, edpo_head=head, max_steps=3)
+        trainer.train()
+        losses[head] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], [h["kl/beta"] for h in _kl_logs(trainer)])
+    assert losses["naive"][0] == pytest.approx(losses["chunked"][0], rel=1e-4)
+    assert losses["naive"][1] == pytest.approx(losses["chunked"][1], rel=1e-6)
