@@ -181,7 +181,9 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._save_edpo_state(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_edpo_state(self, output_dir: str) -> None:
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             with open(os.path.join(output_dir, EDPO_STATE_NAME), "w") as f:
@@ -215,6 +217,10 @@ class _BetaUpdateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._trainer._apply_beta_update()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Integrations (Axolotl) may save the final model without ``save_model``: keep the final β beside it.
+        self._trainer._save_edpo_state(args.output_dir)
 
 
 def _check_preference_columns(dataset: Any, name: str) -> None:

@@ -1,0 +1,38 @@
+"""Axolotl plugin: ``plugins: [edpo_plugin.EDPOPlugin]`` and ``rl: edpo`` run ε-DPO through Axolotl's DPO path.
+
+``rl`` is a closed enum in Axolotl, so ``register`` (which sees the raw YAML before validation) turns
+``rl: edpo`` into ``rl: dpo`` with ``trainer_cls`` pointing at :class:`AxolotlEpsilonDPOTrainer`. Datasets, LoRA /
+QLoRA, DeepSpeed and FSDP then follow Axolotl's normal DPO handling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from edpo_plugin.axolotl.args import TRAINER_CLS
+
+__all__ = ["EDPOPlugin", "TRAINER_CLS"]
+
+
+class EDPOPlugin(BasePlugin):
+    """ε-DPO for Axolotl. YAML: ``rl: edpo``, ``rl_beta`` (initial β), ``edpo_epsilon`` and optional head settings."""
+
+    def get_input_args(self) -> str:
+        return "edpo_plugin.axolotl.args.EDPOArgs"
+
+    def register(self, cfg: dict[str, Any]) -> None:
+        if cfg.get("rl") != "edpo":
+            return
+        if cfg.get("trainer_cls") not in (None, TRAINER_CLS):
+            raise ValueError(
+                f"rl: edpo sets trainer_cls to {TRAINER_CLS}; remove trainer_cls: {cfg['trainer_cls']} from the config."
+            )
+        cfg["rl"] = "dpo"
+        cfg["trainer_cls"] = TRAINER_CLS
+
+    def on_config_validation_error(self, cfg: dict[str, Any]) -> None:
+        if cfg.get("trainer_cls") == TRAINER_CLS:
+            cfg["rl"] = "edpo"
+            cfg.pop("trainer_cls")

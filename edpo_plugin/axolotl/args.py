@@ -1,0 +1,53 @@
+"""YAML fields of the ε-DPO Axolotl plugin, validated with the rest of the Axolotl config."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
+
+
+class EDPOArgs(BaseModel):
+    """``rl: edpo`` settings. ``rl_beta`` is the initial β (Axolotl's own field); these add ε and the head."""
+
+    edpo_epsilon: float = Field(default=0.01, gt=0.0, lt=1.0, description="ε of the perturbation, 0 < ε < 1.")
+    edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
+        default="auto", description="Log-prob head: auto (Triton on CUDA, else chunked), chunked, triton or naive."
+    )
+    edpo_head_token_chunk: int = Field(default=1024, ge=1, description="Completion tokens per chunk in the head.")
+    edpo_head_vocab_chunk: int = Field(default=4096, ge=1, description="Vocabulary columns per tile in the head.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_edpo_compatible(cls, data: Any) -> Any:
+        """Refuse, at config validation, the DPO options that ε-DPO cannot honour (only for ``rl: edpo`` runs)."""
+        if not isinstance(data, dict) or data.get("trainer_cls") != TRAINER_CLS:
+            return data
+        beta = data.get("rl_beta")
+        trl = data.get("trl") or {}
+        if isinstance(trl, dict) and trl.get("beta") is not None:
+            beta = trl["beta"]
+        if beta is not None and not float(beta) > 0:
+            raise ValueError(f"rl_beta must be > 0 for rl: edpo (got {beta}); the paper uses 0.01 (UltraFeedback).")
+        loss_type = data.get("dpo_loss_type")
+        if loss_type not in (None, "sigmoid", ["sigmoid"]):
+            raise ValueError(f"rl: edpo defines only the sigmoid loss: remove dpo_loss_type (got {loss_type!r}).")
+        if data.get("dpo_loss_weights") not in (None, [1.0]):
+            raise ValueError("dpo_loss_weights has no meaning for rl: edpo's single loss: remove it.")
+        if data.get("precompute_ref_log_probs"):
+            raise ValueError(
+                "precompute_ref_log_probs cannot be used with rl: edpo: the perturbed policies need the reference "
+                "model's logits at every step. Remove precompute_ref_log_probs."
+            )
+        if data.get("dpo_use_weighting"):
+            raise ValueError("dpo_use_weighting (WPO) is not part of ε-DPO: remove it for rl: edpo.")
+        if data.get("dpo_use_liger_kernel"):
+            raise ValueError(
+                "dpo_use_liger_kernel selects TRL's Liger DPO loss; rl: edpo has its own fused head. Remove "
+                "dpo_use_liger_kernel and pick the head with edpo_head."
+            )
+        if data.get("dpo_padding_free"):
+            raise ValueError("dpo_padding_free is not supported by rl: edpo (TRL 1.9 disables it too): remove it.")
+        return data
