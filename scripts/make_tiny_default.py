@@ -9,9 +9,9 @@ Creates, deterministically from a seed and without any network access::
     <out>/data/eval.jsonl   32 preference rows drawn from a separate RNG stream
     <out>/manifest.json     the parameters the files were built with
 
-The preference is learnable by a tiny model in a few steps: the chosen answer always continues a sequence in
-the requested direction (``count up from seven :`` -> ``eight nine ten``), the rejected answer breaks the rule
-(reversed, shuffled, skipping, repeating or going the wrong way).
+The preference is learnable by a tiny model in ~20 steps: the chosen answer always counts up by one
+(``count up from seven :`` -> ``eight nine ten``), the rejected answer breaks the rule (reversed, shuffled,
+out of order, repeated, or counting down: ``six five four``).
 
 Usage::
 
@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_OUT", "N_EVAL", "build_tiny_default", "make_rows", "build_to
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / ".tiny"
 N_EVAL = 32
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -56,17 +56,11 @@ NUMBERS = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
 ]  # fmt: skip
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-TASKS: dict[str, tuple[str, list[str], int]] = {
-    # name: (prompt template, sequence, direction)
-    "count_up": ("count up from {x} :", NUMBERS, +1),
-    "count_down": ("count down from {x} :", NUMBERS, -1),
-    "letters_after": ("letters after {x} :", LETTERS, +1),
-    "letters_before": ("letters before {x} :", LETTERS, -1),
-}
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]  # in the vocabulary only, for ad-hoc prompts
+PROMPT_TEMPLATE = "count up from {x} :"
 ANSWER_LEN = 3
 REJECT_KINDS = ("reverse", "shuffle", "skip", "repeat", "wrong_way")
-PROMPT_WORDS = ["count", "up", "down", "from", "letters", "after", "before", ":"]
+PROMPT_WORDS = ["count", "up", "down", "from", "after", "before", "letters", "numbers", ":", ",", "."]
 ROLE_WORDS = ["system", "user", "assistant"]
 
 # GPT-2 byte-level alphabet: a space is rendered as "Ġ" and a newline as "Ċ".
@@ -77,27 +71,28 @@ _SPACE, _NEWLINE = "\u0120", "\u010a"
 # data
 # --------------------------------------------------------------------------------------------------------------------
 def _one_row(rng: random.Random) -> dict[str, str]:
-    """Draw one preference row: the chosen answer follows the rule, the rejected one breaks it."""
-    template, seq, step = TASKS[rng.choice(sorted(TASKS))]
-    # start index so that ANSWER_LEN items exist in the requested direction *and* the opposite one (for wrong_way)
-    lo, hi = ANSWER_LEN, len(seq) - 1 - ANSWER_LEN
-    i = rng.randint(lo, hi)
-    chosen = [seq[i + step * k] for k in range(1, ANSWER_LEN + 1)]
+    """Draw one preference row: the chosen answer counts up by one, the rejected answer breaks that rule.
+
+    The rule lives in the answer's bigrams (``x -> x + 1``), which a tiny model picks up within ~20 DPO steps.
+    """
     kind = rng.choice(REJECT_KINDS)
+    lo = ANSWER_LEN if kind == "wrong_way" else 0  # wrong_way needs ANSWER_LEN numbers below the start
+    i = rng.randint(lo, len(NUMBERS) - 1 - ANSWER_LEN)
+    chosen = NUMBERS[i + 1 : i + 1 + ANSWER_LEN]
     if kind == "reverse":
         rejected = chosen[::-1]
     elif kind == "shuffle":
         rejected = chosen[:]
-        while rejected == chosen or rejected == chosen[::-1]:
+        while rejected in (chosen, chosen[::-1]):
             rng.shuffle(rejected)
     elif kind == "skip":
-        rejected = [seq[i + step * k] for k in (2, 3, 1)] if rng.random() < 0.5 else [chosen[0], chosen[2], chosen[1]]
+        rejected = [chosen[0], chosen[2], chosen[1]] if rng.random() < 0.5 else [chosen[1], chosen[2], chosen[0]]
     elif kind == "repeat":
         rejected = [chosen[0]] * ANSWER_LEN
     else:  # wrong_way
-        rejected = [seq[i - step * k] for k in range(1, ANSWER_LEN + 1)]
+        rejected = NUMBERS[i - ANSWER_LEN : i][::-1]
     assert rejected != chosen
-    return {"prompt": template.format(x=seq[i]), "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+    return {"prompt": PROMPT_TEMPLATE.format(x=NUMBERS[i]), "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
 
 
 def make_rows(n: int, seed: int) -> list[dict[str, str]]:
