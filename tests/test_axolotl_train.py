@@ -1,0 +1,61 @@
+"""`axolotl train` on the tiny YAML examples (full fine-tune and LoRA), as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from spec_reference import beta_trajectory64
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def _run(tiny: dict, example: str, tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
+    cfg.update(
+        base_model=str(tiny["model"]),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        output_dir=str(tmp_path / "out"),
+        max_steps=STEPS,
+        save_steps=STEPS,
+    )
+    cfg["datasets"][0]["path"] = str(tiny["train"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    bin_dir = os.path.dirname(sys.executable)  # `axolotl train` execs `accelerate` from PATH
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
+               WANDB_MODE="disabled")  # fmt: skip
+    done = subprocess.run([os.path.join(bin_dir, "axolotl"), "train", str(config)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("example,weights", [("tiny-edpo.yaml", "model.safetensors"),
+                                             ("tiny-edpo-lora.yaml", "adapter_model.safetensors")])  # fmt: skip
+def test_axolotl_train_tiny(tiny_default, tmp_path, example, weights):
+    cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
+    out = _run(tiny_default, example, tmp_path)
+    assert (out / weights).is_file(), sorted(p.name for p in out.iterdir())
+
+    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    train = [h for h in history if "loss" in h]
+    assert [h["step"] for h in train] == list(range(1, STEPS + 1))
+    for h in train:
+        assert {"kl/beta", "kl/avg_steps", "kl/p_epsilon_steps", "kl/n_epsilon_steps"} <= h.keys()
+        assert h["kl/p_epsilon_steps"] + h["kl/n_epsilon_steps"] <= 1.0
+        assert h["kl/avg_steps"] == pytest.approx(h["kl/p_epsilon_steps"] - h["kl/n_epsilon_steps"], abs=1e-12)
+
+    # β follows β ← β / (1 + ε·s̄) from the logged s̄, starting at rl_beta, and the final β is saved
+    eps, beta0 = cfg["edpo_epsilon"], cfg["rl_beta"]
+    want = beta_trajectory64(beta0, eps, [[h["kl/avg_steps"]] for h in train])
+    assert [h["kl/beta"] for h in train] == pytest.approx(want[:-1], rel=1e-12)
+    final = json.loads((out / "edpo_state.json").read_text())
+    assert final == pytest.approx({"beta": want[-1], "epsilon": eps}, rel=1e-12)
+    assert any(h["kl/avg_steps"] != 0 for h in train), "the tiny run should move β"
