@@ -151,7 +151,9 @@ def main() -> None:
         r["memory_vs_naive"] = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else None
         r["time_vs_naive"] = r["time_s"] / base["time_s"] if base else None
 
-    header = f"{'head':<10}{'impl':<9}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
+    header = (
+        f"{'head':<10}{'impl':<9}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
+    )
     print(f"shape: N={args.tokens} d={args.dim} V={args.vocab} {args.dtype} on {args.device}")
     print(header)
     for r in rows:

@@ -1,6 +1,6 @@
 """Plot an ε-DPO run from its ``trainer_state.json``: β, the fractions of +ε / −ε decisions, reward margin, loss.
 
-    python scripts/plot_training.py outputs/tiny-edpo/checkpoint-30/trainer_state.json --out training.png
+python scripts/plot_training.py outputs/tiny-edpo/checkpoint-30/trainer_state.json --out training.png
 """
 
 from __future__ import annotations

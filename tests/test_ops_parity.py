@@ -88,7 +88,11 @@ def _check_case(case: Case, impl: str) -> None:
                           bias=bias, ref_bias=ref_bias, impl=impl,
                           token_chunk=case.token_chunk, vocab_chunk=case.vocab_chunk)  # fmt: skip
 
-    leaves = [hidden] + ([weight] if case.trainable_head else []) + ([bias] if case.trainable_head and bias is not None else [])
+    leaves = (
+        [hidden]
+        + ([weight] if case.trainable_head else [])
+        + ([bias] if case.trainable_head and bias is not None else [])
+    )
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     h64 = leaves64[0]
     w64 = leaves64[1] if case.trainable_head else weight.detach()

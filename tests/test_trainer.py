@@ -101,7 +101,10 @@ def _beta_run(tiny, out, micro, accum, steps=5):
 
 
 def test_beta_trajectory_independent_of_micro_batch_and_accumulation(tiny_default, tmp_path):
-    runs = {shape: _beta_run(tiny_default, tmp_path / f"{shape[0]}x{shape[1]}", *shape) for shape in [(4, 1), (2, 2), (1, 4)]}
+    runs = {
+        shape: _beta_run(tiny_default, tmp_path / f"{shape[0]}x{shape[1]}", *shape)
+        for shape in [(4, 1), (2, 2), (1, 4)]
+    }
     betas, avgs, final = runs[(4, 1)]
     assert any(a != 0 for a in avgs), "the run should move β"
     # β follows the rule from the logged values: β_{t+1} = β_t / (1 + ε s̄_t)
@@ -117,14 +120,18 @@ def test_resume_equals_straight_run(tiny_default, tmp_path):
     straight = _trainer(tiny_default, tmp_path / "straight", n_rows=8 * k, max_steps=2 * k)
     straight.train()
 
-    first = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k)
+    first = _trainer(
+        tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k
+    )
     first.args.max_steps = k  # stop after k steps, with the schedule of a 2k run
     first.train()
     ckpt = tmp_path / "resumed" / f"checkpoint-{k}"
     state = json.loads((ckpt / EDPO_STATE_NAME).read_text())
     assert state["beta"] == pytest.approx(first.beta_controller.beta, rel=0)
 
-    second = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k)
+    second = _trainer(
+        tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k
+    )
     assert second.beta_controller.beta == BETA
     second.train(resume_from_checkpoint=str(ckpt))
     assert second.beta_controller.beta == pytest.approx(straight.beta_controller.beta, rel=1e-6)
@@ -214,8 +221,8 @@ def test_plain_dpo_config_is_refused(tiny_default, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_default["model"])
     ds = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(4))
     with pytest.raises(TypeError, match="EpsilonDPOConfig"):
-        EpsilonDPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True), train_dataset=ds,
-                          processing_class=tok)  # fmt: skip
+        plain = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        EpsilonDPOTrainer(model=model, args=plain, train_dataset=ds, processing_class=tok)
 
 
 def test_naive_and_chunked_heads_agree_on_a_step(tiny_default, tmp_path):
@@ -223,6 +230,9 @@ def test_naive_and_chunked_heads_agree_on_a_step(tiny_default, tmp_path):
     for head in ("naive", "chunked"):
         trainer = _trainer(tiny_default, tmp_path / head, edpo_head=head, max_steps=3)
         trainer.train()
-        losses[head] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], [h["kl/beta"] for h in _kl_logs(trainer)])
+        losses[head] = (
+            [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            [h["kl/beta"] for h in _kl_logs(trainer)],
+        )
     assert losses["naive"][0] == pytest.approx(losses["chunked"][0], rel=1e-4)
     assert losses["naive"][1] == pytest.approx(losses["chunked"][1], rel=1e-6)

@@ -130,7 +130,9 @@ def _check_inputs(
         if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{name} must be [V, {hidden.shape[-1]}], got {tuple(w.shape)}.")
     if weight.shape[0] != ref_weight.shape[0]:
-        raise ValueError(f"weight and ref_weight disagree on the vocabulary: {weight.shape[0]} vs {ref_weight.shape[0]}.")
+        raise ValueError(
+            f"weight and ref_weight disagree on the vocabulary: {weight.shape[0]} vs {ref_weight.shape[0]}."
+        )
     for name, b in (("bias", bias), ("ref_bias", ref_bias)):
         if b is not None and b.shape != (weight.shape[0],):
             raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")

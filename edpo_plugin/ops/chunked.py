@@ -43,7 +43,7 @@ def chunked_linear_logprobs(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     use_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(policy, ref, plus, minus)`` per-token fp32 ``[N]`` from ``hidden [N, d]``, ``weight [V, d]``, ``labels [N]``."""
+    """``(policy, ref, plus, minus)``, fp32 ``[N]`` each, from ``hidden [N, d]``, ``weight [V, d]``, ``labels [N]``."""
     if token_chunk < 1 or vocab_chunk < 1:
         raise ValueError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}.")
     return _ChunkedLinearLogprobs.apply(
@@ -102,17 +102,22 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
             lse = triton_mix_lse(h, w, b, hr, wr, br, epsilon, shared=shared)
         else:
-            lse, direction = _lse_sweep(h, w, b, hr, wr, br, y, epsilon, token_chunk, vocab_chunk, shared, keep_direction)
+            lse, direction = _lse_sweep(
+                h, w, b, hr, wr, br, y, epsilon, token_chunk, vocab_chunk, shared, keep_direction
+            )
 
         target_p = _target_logits(h, w, b, y)
         target_r = _target_logits(hr, wr, br, y)
         targets = torch.stack(
-            (target_p, target_r, (1 + epsilon) * target_p - epsilon * target_r, (1 - epsilon) * target_p + epsilon * target_r)
+            (
+                target_p,
+                target_r,
+                (1 + epsilon) * target_p - epsilon * target_r,
+                (1 - epsilon) * target_p + epsilon * target_r,
+            )
         )
         streams = (targets - lse).unbind(0)
-        outputs = tuple(
-            hidden.new_zeros(n_tokens, dtype=torch.float32).index_copy_(0, valid_idx, s) for s in streams
-        )
+        outputs = tuple(hidden.new_zeros(n_tokens, dtype=torch.float32).index_copy_(0, valid_idx, s) for s in streams)
 
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.n_tokens = n_tokens
@@ -223,7 +228,12 @@ def _lse_sweep(
 
 
 def _policy_direction(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, token_chunk: int, vocab_chunk: int
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    token_chunk: int,
+    vocab_chunk: int,
 ) -> torch.Tensor:
     """fp32 ``[M, d]``: ``W[y] − softmax(W h + b)ᵀ W`` by one online sweep (self-normalised, frozen head)."""
     n_valid, d = h.shape

@@ -63,7 +63,7 @@ def validate_edpo_args(args: Any) -> None:
     if getattr(args, "reference_free", False):
         raise ValueError("reference_free=True is impossible for ε-DPO: the perturbed policies need the reference.")
     if args.f_divergence_type != "reverse_kl":
-        raise ValueError(f"ε-DPO uses the reverse-KL (standard DPO) form: set f_divergence_type='reverse_kl'.")
+        raise ValueError("ε-DPO uses the reverse-KL (standard DPO) form: set f_divergence_type='reverse_kl'.")
     if args.ld_alpha is not None:
         raise ValueError("ld_alpha (LD-DPO length weighting) is not part of ε-DPO: leave ld_alpha unset.")
     if args.use_weighting:
