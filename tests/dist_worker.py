@@ -1,0 +1,47 @@
+"""Worker for test_distributed.py: one ε-DPO run with a fixed global batch, launched by torchrun on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
+
+GLOBAL_BATCH, STEPS = 4, 4
+
+
+def main(model_dir: str, train_file: str, out_dir: str, world: int) -> None:
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = load_dataset("json", data_files=train_file, split="train").select(range(GLOBAL_BATCH * STEPS))
+    args = EpsilonDPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS, learning_rate=5e-3,
+        lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", beta=0.1, epsilon=0.2,
+        seed=0, use_cpu=True, ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True,
+        max_length=64, edpo_head="chunked",
+    )  # fmt: skip
+    trainer = EpsilonDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    logs = [h for h in trainer.state.log_history if "kl/beta" in h]
+    result = {
+        "world": world,
+        "rank": rank,
+        "betas": [h["kl/beta"] for h in logs],
+        "avg_steps": [h["kl/avg_steps"] for h in logs],
+        "losses": [h["loss"] for h in logs],
+        "final_beta": trainer.beta_controller.beta,
+    }
+    with open(f"{out_dir}/result-rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
