@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 def _launch(tiny: dict, out: Path, world: int) -> list[dict]:
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(WORKER), str(tiny["model"]), str(tiny["train"]), str(out), str(world)]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"]  # fmt: skip
+    cmd = [*launcher, str(WORKER), str(tiny["model"]), str(tiny["train"]), str(out), str(world)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
