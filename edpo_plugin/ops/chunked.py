@@ -15,8 +15,9 @@ Backward (gradient of the policy stream only; the rest are constants):
   hidden, weight and bias gradients. Five matmul-equivalents in all.
 
 ``use_triton=True`` swaps the forward statistics sweep for the Triton kernel in ``triton_lse.py`` when the head is
-frozen; the backward then sweeps the policy logits once more to rebuild the hidden-state gradient (four
-matmul-equivalents in all). With a trainable head the PyTorch sweep is used, so that the recompute backward
+frozen; a second, policy-only sweep in the forward then builds the hidden-state gradient direction (four
+matmul-equivalents in all). With a frozen head nothing reads ``W`` in backward, which is what a ZeRO-3-sharded head
+needs. With a trainable head the PyTorch sweep is used, so that the recompute backward
 normalises with a logsumexp from the same arithmetic.
 """
 
@@ -101,6 +102,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             from edpo_plugin.ops.triton_lse import triton_mix_lse
 
             lse = triton_mix_lse(h, w, b, hr, wr, br, epsilon, shared=shared)
+            if want_hidden:
+                # in the forward, while a ZeRO-3-gathered head is still whole; nothing reads W in backward
+                direction = _policy_direction(h, w, b, y, token_chunk, vocab_chunk)
         else:
             lse, direction = _lse_sweep(
                 h, w, b, hr, wr, br, y, epsilon, token_chunk, vocab_chunk, shared, keep_direction
@@ -124,15 +128,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         ctx.hidden_dtype = hidden.dtype
         ctx.has_bias = bias is not None
         ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
-        if direction is not None:
+        if direction is not None or not want_hidden and not head_trainable:
             ctx.save_for_backward(valid_idx, direction)
-            ctx.mode = "direction"
-        elif triton_stats:
-            ctx.save_for_backward(valid_idx, y, h, weight, bias)
-            ctx.mode = "direction_sweep"
+            ctx.recompute = False
         else:
             ctx.save_for_backward(valid_idx, y, lse[0].contiguous(), h, weight, bias)
-            ctx.mode = "recompute"
+            ctx.recompute = True
         return outputs
 
     @staticmethod
@@ -140,14 +141,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = ctx.has_bias and ctx.needs_input_grad[2]
         grad_hidden = grad_weight = grad_bias = None
-        if ctx.mode == "direction":
+        if not ctx.recompute:
             valid_idx, direction = ctx.saved_tensors
+            if direction is None:  # no input needed a gradient
+                return (None,) * 12
             g = grad_policy.index_select(0, valid_idx).float()
             grad_valid = direction * g[:, None]
-        elif ctx.mode == "direction_sweep":
-            valid_idx, y, h, weight, bias = ctx.saved_tensors
-            g = grad_policy.index_select(0, valid_idx).float()
-            grad_valid = _policy_direction(h, weight, bias, y, ctx.token_chunk, ctx.vocab_chunk) * g[:, None]
         else:
             valid_idx, y, lse, h, weight, bias = ctx.saved_tensors
             g = grad_policy.index_select(0, valid_idx).float()
