@@ -9,6 +9,8 @@ Creates, deterministically from a seed and without any network access::
     <out>/data/eval.jsonl   32 preference rows drawn from a separate RNG stream
     <out>/manifest.json     the parameters the files were built with
 
+A rebuild also deletes ``<out>/prepared/`` (the Axolotl dataset cache the example YAMLs point at).
+
 The preference is learnable by a tiny model in ~20 steps: the chosen answer always counts up by one
 (``count up from seven :`` -> ``eight nine ten``), the rejected answer breaks the rule (reversed, shuffled,
 out of order, repeated, or counting down: ``six five four``).
@@ -198,6 +200,7 @@ def _paths(out: Path) -> dict[str, Path]:
         "train": out / "data" / "train.jsonl",
         "eval": out / "data" / "eval.jsonl",
         "manifest": out / "manifest.json",
+        "prepared": out / "prepared",
     }
 
 
@@ -254,8 +257,9 @@ def build_tiny_default(
         force: Rebuild even if everything is already present.
 
     Returns:
-        Mapping with the keys ``root``, ``tokenizer``, ``model``, ``data``, ``train``, ``eval`` and ``manifest``.
-        ``model`` also holds the tokenizer files, so it can be used directly as Axolotl's ``base_model``.
+        Mapping with the keys ``root``, ``tokenizer``, ``model``, ``data``, ``train``, ``eval``, ``manifest`` and
+        ``prepared`` (Axolotl's dataset cache dir, deleted on every rebuild). ``model`` also holds the tokenizer
+        files, so it can be used directly as Axolotl's ``base_model``.
     """
     if n_train < 1:
         raise ValueError("n_train must be >= 1")
@@ -272,7 +276,9 @@ def build_tiny_default(
     _check_roundtrip(tokenizer, train_rows + eval_rows)
     model = build_model(tokenizer, seed)
 
-    for key in ("tokenizer", "model", "data"):
+    # ``prepared/`` is where the example YAMLs let Axolotl cache the tokenized data set. Axolotl keys that cache on
+    # the config, not on the file contents, so a rebuilt data set must not meet a stale cache.
+    for key in ("tokenizer", "model", "data", "prepared"):
         if paths[key].exists():
             shutil.rmtree(paths[key])
     paths["manifest"].unlink(missing_ok=True)
