@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-def _run(tiny: dict, example: str, tmp_path: Path) -> Path:
+def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
+    cfg.update(**overrides)
     cfg.update(
         base_model=str(tiny["model"]),
         dataset_prepared_path=str(tmp_path / "prepared"),
@@ -26,6 +27,7 @@ def _run(tiny: dict, example: str, tmp_path: Path) -> Path:
         save_steps=STEPS,
     )
     cfg["datasets"][0]["path"] = str(tiny["train"])
+    tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
     bin_dir = os.path.dirname(sys.executable)  # `axolotl train` execs `accelerate` from PATH
@@ -59,3 +61,16 @@ def test_axolotl_train_tiny(tiny_default, tmp_path, example, weights):
     final = json.loads((out / "edpo_state.json").read_text())
     assert final == pytest.approx({"beta": want[-1], "epsilon": eps}, rel=1e-12)
     assert any(h["kl/avg_steps"] != 0 for h in train), "the tiny run should move β"
+
+
+def _betas(out: Path) -> list[float]:
+    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    final = json.loads((out / "edpo_state.json").read_text())["beta"]
+    return [h["kl/beta"] for h in history if "kl/beta" in h] + [final]
+
+
+def test_axolotl_naive_and_chunked_heads_give_the_same_beta_trajectory(tiny_default, tmp_path):
+    naive = _betas(_run(tiny_default, "tiny-edpo.yaml", tmp_path / "naive", edpo_head="naive"))
+    chunked = _betas(_run(tiny_default, "tiny-edpo.yaml", tmp_path / "chunked", edpo_head="chunked"))
+    assert len(naive) == STEPS + 1 and naive[-1] != naive[0]
+    assert chunked == pytest.approx(naive, rel=1e-6)
