@@ -96,8 +96,9 @@ class EpsilonDPOTrainer(DPOTrainer):
 
         completion = inputs["completion_mask"][:, 1:].bool()
         labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
-        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
-            streams = linear_logprobs(
+
+        def head_streams():
+            return linear_logprobs(
                 hidden,
                 weight,
                 labels,
@@ -110,6 +111,13 @@ class EpsilonDPOTrainer(DPOTrainer):
                 token_chunk=self.args.edpo_head_token_chunk,
                 vocab_chunk=self.args.edpo_head_vocab_chunk,
             )
+
+        # The policy head runs as lm_head's own forward, so that ZeRO-3 / FSDP gather its weight for the forward
+        # and, through their backward hooks, again for a backward that reads it (trainable head). A separate
+        # reference head is only read in the forward: TRL's gather context is enough for it.
+        separate_ref = ref_weight is not weight
+        with maybe_gather_lm_head_ctx(*((ref_weight, ref_bias) if separate_ref else ())):
+            streams = _run_as_forward_of(head, head_streams)
         policy, ref_lp, plus, minus = (s.sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
         out = edpo_loss(
             policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
@@ -221,6 +229,19 @@ class _BetaUpdateCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Integrations (Axolotl) may save the final model without ``save_model``: keep the final β beside it.
         self._trainer._save_edpo_state(args.output_dir)
+
+
+def _run_as_forward_of(module: torch.nn.Module, fn: Any) -> Any:
+    """Call ``fn()`` as ``module``'s forward, so that the hooks of ZeRO-3 / FSDP wrapping ``module`` fire."""
+    patched_before = module.__dict__.get("forward")  # an instance-level forward some integrations install
+    module.forward = lambda *_args, **_kwargs: fn()
+    try:
+        return module()
+    finally:
+        if patched_before is None:
+            del module.forward
+        else:
+            module.forward = patched_before
 
 
 def _check_preference_columns(dataset: Any, name: str) -> None:
