@@ -214,6 +214,13 @@ def test_dataset_row_missing_chosen_is_refused(tiny_default, tmp_path):
         _trainer(tiny_default, tmp_path, dataset=bad)
 
 
+def test_dataset_row_with_null_chosen_is_refused(tiny_default, tmp_path):
+    rows = [{"prompt": "count up from two :", "chosen": "three four five", "rejected": "nine"}] * 3
+    bad = Dataset.from_list([*rows, {"prompt": "count up from two :", "chosen": None, "rejected": "nine"}])
+    with pytest.raises(ValueError, match=r"rows \[3\] have no 'chosen'"):
+        _trainer(tiny_default, tmp_path, dataset=bad)
+
+
 def test_plain_dpo_config_is_refused(tiny_default, tmp_path):
     from trl import DPOConfig
 

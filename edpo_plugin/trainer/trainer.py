@@ -257,6 +257,13 @@ def _check_preference_columns(dataset: Any, name: str) -> None:
                 f"{name} has no {' / '.join(repr(m) for m in missing)} column (columns: {columns}). ε-DPO needs "
                 "preference rows with 'prompt', 'chosen' and 'rejected' (TRL's preference format)."
             )
+        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):  # map-style: columns can be read whole
+            for column in ("chosen", "rejected"):
+                empty = [i for i, value in enumerate(ds[column]) if value is None]
+                if empty:
+                    raise ValueError(
+                        f"{name} rows {empty[:10]} have no {column!r} value (null). Drop or fix these rows."
+                    )
 
 
 def _refuse_adapter_on_lm_head(model: torch.nn.Module) -> None:
