@@ -1,0 +1,162 @@
+"""Every 7-8B example YAML passes Axolotl's own config validation, with the base model swapped for a local tiny model
+of the same architecture (no download), and holds the paper's settings; bad ε-DPO settings fail naming the field."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "yaml_examples"
+MODELS = {"llama3-8b-instruct": "llama", "mistral-7b-instruct-v0.2": "mistral"}
+VARIANTS = ("lora", "qlora", "full-zero3", "full-fsdp")
+GPUS = {"lora": 1, "qlora": 1, "full-zero3": 8, "full-fsdp": 8}
+DECODER_LAYER = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer"}
+EXAMPLE_NAMES = [f"{m}-edpo-{v}" for m in MODELS for v in VARIANTS]
+TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
+
+# A row shaped like princeton-nlp/{llama3,mistral-instruct}-ultrafeedback (the examples' datasets).
+ULTRAFEEDBACK_ROW = {
+    "prompt_id": "0",
+    "prompt": "Count up from 7 :",
+    "chosen": [{"role": "user", "content": "Count up from 7 :"}, {"role": "assistant", "content": "8 9 10"}],
+    "rejected": [{"role": "user", "content": "Count up from 7 :"}, {"role": "assistant", "content": "3 1 4"}],
+}
+
+# (name, change to the Llama LoRA example, text the error must contain)
+BAD_CONFIGS = [
+    ("epsilon_ge_1", {"edpo_epsilon": 1.0}, "edpo_epsilon"),
+    ("epsilon_zero", {"edpo_epsilon": 0.0}, "edpo_epsilon"),
+    ("beta_zero", {"rl_beta": 0.0}, "rl_beta"),
+    ("head_unknown", {"edpo_head": "cuda"}, "edpo_head"),
+    ("loss_ipo", {"dpo_loss_type": ["ipo"]}, "dpo_loss_type"),
+    ("precompute_ref", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+    ("liger_dpo", {"dpo_use_liger_kernel": True}, "dpo_use_liger_kernel"),
+    ("padding_free", {"dpo_padding_free": True}, "dpo_padding_free"),
+    ("no_plugin", {"plugins": None}, "rl"),
+]
+
+
+def _example(name: str) -> dict:
+    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+
+
+def _tiny_mistral(out_dir: Path) -> Path:
+    """A 2-layer MistralForCausalLM with the v0.2 layout (no sliding window, rope θ 1e6), saved locally."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=136, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, sliding_window=None, rope_theta=1e6,
+    )  # fmt: skip
+    MistralForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def validated(tiny_default, tmp_path_factory) -> dict:
+    """Runs the worker once over every example, every bad config and the dataset transform; returns its results."""
+    tmp = tmp_path_factory.mktemp("yaml_examples")
+    base_models = {"llama": str(tiny_default["model"]), "mistral": str(_tiny_mistral(tmp / "tiny-mistral"))}
+    jobs = []
+    for name in EXAMPLE_NAMES:
+        config = _example(name)
+        arch = next(a for prefix, a in MODELS.items() if name.startswith(prefix))
+        config["base_model"] = base_models[arch]
+        config["output_dir"] = str(tmp / name)
+        jobs.append({"name": name, "kind": "config", "config": config, "world_size": GPUS[name.rsplit("-edpo-")[1]]})
+    for bad_name, change, _ in BAD_CONFIGS:
+        config = _example("llama3-8b-instruct-edpo-lora")
+        config.update({"base_model": base_models["llama"], "output_dir": str(tmp / bad_name)}, **change)
+        if config["plugins"] is None:
+            del config["plugins"]
+        jobs.append({"name": bad_name, "kind": "config", "config": config, "world_size": 1})
+    jobs.append({
+        "name": "transform", "kind": "transform", "config": _example("llama3-8b-instruct-edpo-lora"),
+        "row": copy.deepcopy(ULTRAFEEDBACK_ROW), "tokenizer": str(tiny_default["tokenizer"]),
+    })  # fmt: skip
+    jobs_file, results_file = tmp / "jobs.json", tmp / "results.json"
+    jobs_file.write_text(json.dumps(jobs))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "axolotl_config_worker.py"), str(jobs_file), str(results_file)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(results_file.read_text())
+
+
+def test_every_example_yaml_is_checked():
+    on_disk = {p.stem for p in EXAMPLES.glob("*.yaml") if not p.stem.startswith("tiny-")}
+    assert on_disk == set(EXAMPLE_NAMES)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_validates_with_paper_settings(validated, name):
+    result = validated[name]
+    assert result["ok"], result.get("error")
+    cfg = result["cfg"]
+    arch = next(a for prefix, a in MODELS.items() if name.startswith(prefix))
+    variant = name.rsplit("-edpo-")[1]
+    # rl: edpo became Axolotl's DPO pipeline with the ε-DPO trainer, with the paper's β and ε
+    assert (cfg["rl"], cfg["trainer_cls"]) == ("dpo", TRAINER_CLS)
+    assert (cfg["rl_beta"], cfg["edpo_epsilon"], cfg["edpo_head"]) == (0.01, 0.01, "auto")
+    assert cfg["model_config_type"] == arch
+    # paper: 1 epoch, global batch 128, cosine, warm-up 0.1, no weight decay, 2048 tokens; bf16, FA2, checkpointing
+    assert cfg["batch_size"] == 128 == cfg["micro_batch_size"] * cfg["gradient_accumulation_steps"] * GPUS[variant]
+    assert (cfg["num_epochs"], cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["weight_decay"]) == (1, "cosine", 0.1, 0)
+    assert cfg["sequence_len"] == 2048
+    assert (cfg["bf16"], cfg["attn_implementation"], cfg["gradient_checkpointing"]) == (True, "flash_attention_2", True)
+    assert cfg["dataset_types"] == ["chat_template.argilla_chat"]
+    assert cfg["chat_template"] == "tokenizer_default"
+    if variant.startswith("full"):
+        assert math.isclose(cfg["learning_rate"], 5e-7)
+        assert cfg["adapter"] is None
+    else:
+        assert cfg["adapter"] == variant
+        assert bool(cfg["load_in_4bit"]) == (variant == "qlora")
+    assert cfg["deepspeed_stage"] == (3 if variant == "full-zero3" else None)
+    if variant == "full-fsdp":
+        assert cfg["fsdp_version"] == 2
+        layer = cfg["fsdp_config"]["transformer_layer_cls_to_wrap"]
+        assert layer == DECODER_LAYER[arch]
+        module = __import__(f"transformers.models.{arch}.modeling_{arch}", fromlist=[layer])
+        assert hasattr(module, layer)
+    else:
+        assert cfg["fsdp_version"] is None and cfg["fsdp_config"] is None
+
+
+@pytest.mark.parametrize(("name", "field"), [(n, f) for n, _, f in BAD_CONFIGS])
+def test_bad_setting_fails_naming_the_field(validated, name, field):
+    result = validated[name]
+    assert not result["ok"], f"{name} was accepted"
+    assert field in result["error"], result["error"]
+
+
+def test_rl_edpo_without_plugin_is_an_enum_error(validated):
+    """Without the plugins line no hook runs before Axolotl's enum check: its own error names rl and 'edpo'."""
+    error = validated["no_plugin"]["error"]
+    assert re.search(r"^rl$", error, flags=re.MULTILINE), error
+    assert "input_value='edpo'" in error
+
+
+def test_example_dataset_type_reads_ultrafeedback_rows(validated):
+    """The examples' dataset type turns a prompt / chosen / rejected message-list row into DPO text fields."""
+    result = validated["transform"]
+    assert result["ok"], result.get("error")
+    sample = result["sample"]
+    # the tiny tokenizer's template is ChatML; with the real models it is their own (chat_template: tokenizer_default)
+    assert sample["prompt"] == "<|im_start|>user\nCount up from 7 :<|im_end|>\n<|im_start|>assistant\n"
+    assert sample["chosen"] == "8 9 10<|im_end|>"
+    assert sample["rejected"] == "3 1 4<|im_end|>"
