@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) hold the same β after every step and match the one-process run."""
+"""Two CPU processes (torchrun, gloo) hold the same β after every step and match the one-process run, under the
+Trainer's DDP and under DeepSpeed ZeRO-3 (every parameter partitioned, lm_head included)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -20,20 +22,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tiny: dict, out: Path, world: int) -> list[dict]:
+def _launch(tiny: dict, out: Path, world: int, engine: str = "ddp") -> list[dict]:
     out.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}"]  # fmt: skip
-    cmd = [*launcher, str(WORKER), str(tiny["model"]), str(tiny["train"]), str(out), str(world)]
+    cmd = [*launcher, str(WORKER), str(tiny["model"]), str(tiny["train"]), str(out), str(world), engine]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path):
-    (single,) = _launch(tiny_default, tmp_path / "w1", 1)
-    ranks = _launch(tiny_default, tmp_path / "w2", 2)
+@pytest.fixture(scope="module")
+def single_process(tiny_default, tmp_path_factory) -> dict:
+    (single,) = _launch(tiny_default, tmp_path_factory.mktemp("dist") / "w1", 1)
+    return single
+
+
+def _initial_param_norms(model_dir: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {name: p.detach().double().norm().item() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, single_process, engine):
+    single = single_process
+    ranks = _launch(tiny_default, tmp_path / "w2", 2, engine)
     assert any(a != 0 for a in single["avg_steps"]), "the run should move β"
     # every rank holds the same β after every optimizer step (the logged β is the one before each update)
     assert ranks[0]["betas"] == ranks[1]["betas"]
@@ -43,3 +59,9 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path):
     assert ranks[0]["avg_steps"] == pytest.approx(single["avg_steps"], abs=1e-6)
     assert ranks[0]["final_beta"] == pytest.approx(single["final_beta"], rel=1e-6)
     assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-4)
+    # the weights trained the same way: every parameter's norm (lm_head's too) after 4 steps, and they moved
+    before = _initial_param_norms(tiny_default["model"])
+    assert ranks[0]["param_norms"].keys() == single["param_norms"].keys() == before.keys()
+    for name, norm in single["param_norms"].items():
+        assert ranks[0]["param_norms"][name] == pytest.approx(norm, rel=1e-5), name
+    assert single["param_norms"]["lm_head.weight"] != pytest.approx(before["lm_head.weight"], rel=1e-4)
