@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) hold the same β after every step and match the one-process run, under the
-Trainer's DDP and under DeepSpeed ZeRO-3 (every parameter partitioned, lm_head included)."""
+Trainer's DDP and under DeepSpeed ZeRO-3 (every parameter partitioned, lm_head included); one step with the models
+sharded by FSDP2 equals the unsharded step."""
 
 from __future__ import annotations
 
@@ -65,3 +66,29 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, sing
     for name, norm in single["param_norms"].items():
         assert ranks[0]["param_norms"][name] == pytest.approx(norm, rel=1e-5), name
     assert single["param_norms"]["lm_head.weight"] != pytest.approx(before["lm_head.weight"], rel=1e-4)
+
+
+def _launch_fsdp2(tiny: dict, out: Path, world: int) -> dict:
+    out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"]  # fmt: skip
+    cmd = [*launcher, str(WORKER.with_name("fsdp2_worker.py")), str(tiny["model"]), str(tiny["train"]), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return torch.load(out / "result.pt")
+
+
+def test_fsdp2_sharded_step_matches_unsharded(tiny_default, tmp_path):
+    """Policy (per layer + root) and reference (root) sharded by FSDP2 over 2 ranks: lm_head, embeddings and norm are
+    DTensor shards outside the root's forward. One loss + backward + β update equals the unsharded 1-process step."""
+    single = _launch_fsdp2(tiny_default, tmp_path / "w1", 1)
+    sharded = _launch_fsdp2(tiny_default, tmp_path / "w2", 2)
+    assert single["avg_steps"] != 0, "the step should move β"
+    assert float(sharded["loss"]) == pytest.approx(float(single["loss"]), rel=1e-6)
+    assert sharded["avg_steps"] == pytest.approx(single["avg_steps"], abs=1e-12)
+    assert sharded["beta"] == pytest.approx(single["beta"], rel=1e-12)
+    assert sharded["grads"].keys() == single["grads"].keys()
+    for name, grad in single["grads"].items():
+        assert grad.norm() > 0, name
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)

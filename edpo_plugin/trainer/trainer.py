@@ -9,9 +9,11 @@ saved model and restored by ``train(resume_from_checkpoint=...)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -66,8 +68,10 @@ class EpsilonDPOTrainer(DPOTrainer):
         if return_outputs:
             raise ValueError("ε-DPO never materialises logits, so compute_loss cannot return model outputs.")
         unwrapped = self.accelerator.unwrap_model(model)
-        if unwrapped is not model:
-            # DDP / DeepSpeed / FSDP: run inside the wrapper's forward so its gradient-sync and ZeRO-3 hooks fire.
+        if unwrapped is not model or _is_fsdp2(unwrapped):
+            # DDP / DeepSpeed / FSDP1 wrap the model: run inside the wrapper's forward so that its gradient-sync and
+            # ZeRO-3 hooks fire. FSDP2 shards in place and gathers its root unit's parameters (embeddings, final
+            # norm, lm_head) only inside the root's forward (and again for its backward): run the loss as that forward.
             return self._edpo_forward_redirection(model, unwrapped, self._compute_edpo_loss, unwrapped, inputs)
         return self._compute_edpo_loss(model, inputs)
 
@@ -81,6 +85,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         head = causal_lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
 
+        # The reference head is read in the forward only (its streams carry no gradient), so a reference model
+        # sharded by FSDP2 is gathered until the head has run, then resharded.
+        ref_gathered = contextlib.ExitStack()
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None:
                 with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
@@ -89,6 +96,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                     ref_weight, ref_bias = ref_head.weight, ref_head.bias
             else:
                 ref = self.accelerator.unwrap_model(self.ref_model)
+                ref_gathered.enter_context(_fsdp2_gathered(ref))
                 ref_lm = ref.base_model.model if is_peft_model(ref) else ref
                 ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                 ref_head = ref_lm.get_output_embeddings()
@@ -116,7 +124,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         # and, through their backward hooks, again for a backward that reads it (trainable head). A separate
         # reference head is only read in the forward: TRL's gather context is enough for it.
         separate_ref = ref_weight is not weight
-        with maybe_gather_lm_head_ctx(*((ref_weight, ref_bias) if separate_ref else ())):
+        with ref_gathered, maybe_gather_lm_head_ctx(*((ref_weight, ref_bias) if separate_ref else ())):
             streams = _run_as_forward_of(head, head_streams)
         policy, ref_lp, plus, minus = (s.sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
         out = edpo_loss(
@@ -229,6 +237,28 @@ class _BetaUpdateCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Integrations (Axolotl) may save the final model without ``save_model``: keep the final β beside it.
         self._trainer._save_edpo_state(args.output_dir)
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was sharded in place by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def _fsdp2_gathered(module: torch.nn.Module) -> Iterator[None]:
+    """Gather an FSDP2 module's own (root-unit) parameters for a no-grad read outside its forward; else nothing."""
+    if not _is_fsdp2(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def _run_as_forward_of(module: torch.nn.Module, fn: Any) -> Any:

@@ -1,0 +1,82 @@
+"""Worker for test_distributed.py: one ε-DPO loss + backward + β update with the policy and reference sharded by FSDP2.
+
+accelerate enables FSDP only on GPUs, so on CPU the sharding is applied here the way accelerate's FSDP2 path does it
+(``fully_shard`` on every decoder layer, then on the root) and the reference the way TRL's ``prepare_fsdp`` does it
+(``fully_shard`` on the root). World 1 runs the same step unsharded. Rank 0 writes the loss, β and full gradients.
+Usage: ``torchrun --nproc_per_node=W fsdp2_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import load_dataset
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
+
+GLOBAL_BATCH = 4
+
+
+def main(model_dir: str, train_file: str, out_dir: str) -> None:
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    args = EpsilonDPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=1, report_to="none", beta=0.1, epsilon=0.2, seed=0,
+        use_cpu=True, ddp_backend="gloo", bf16=False, max_length=64, edpo_head="chunked", dataloader_num_workers=0,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = load_dataset("json", data_files=train_file, split="train").select(range(GLOBAL_BATCH))
+    trainer = EpsilonDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+
+    gen = torch.Generator().manual_seed(1)  # move the policy off the reference so that decisions are not all 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        fully_shard(ref, mesh=mesh)
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+    per_rank = GLOBAL_BATCH // world
+    rows = [trainer.train_dataset[i] for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+
+    model.train()
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()  # FSDP2 reduce-scatters the mean gradient over ranks
+    logged = trainer.beta_controller.step()  # all-reduces the decisions of every rank's pairs, then moves β
+
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().clone()
+    losses = [torch.zeros(()) for _ in range(world)]
+    if world > 1:
+        dist.all_gather(losses, loss.detach())
+    else:
+        losses = [loss.detach()]
+    if rank == 0:
+        torch.save(
+            {
+                "loss": torch.stack(losses).mean(),
+                "avg_steps": logged["avg_steps"],
+                "beta": trainer.beta_controller.beta,
+                "grads": grads,
+            },
+            f"{out_dir}/result.pt",
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
