@@ -7,7 +7,8 @@ gradient checkpointing, PyTorch SDPA attention, LoRA (or QLoRA when bitsandbytes
 
 Each variant runs in a fresh subprocess. Peak memory: ``torch.cuda.max_memory_allocated`` (CUDA) or the growth of
 peak RSS over the RSS after the model is built (CPU). Tokens/s: non-padding tokens (chosen + rejected sequences)
-per second over the optimizer steps after the first. Prints a table and writes JSON (``--json``).
+per second over the optimizer steps after the first. Prints a table (peak = whole process, extra = peak over the
+memory held once the model is built) and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -171,13 +172,13 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     print(f"model={args.model} seq_len={args.seq_len} steps={args.steps} device={args.device}")
-    print(f"{'adapter':<8}{'variant':<12}{'peak GiB':>10}{'tokens/s':>11}{'step s':>9}")
+    print(f"{'adapter':<8}{'variant':<12}{'peak GiB':>10}{'extra GiB':>11}{'tokens/s':>11}{'step s':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['adapter']:<8}{r['variant']:<12}{'failed':>10}")
             continue
-        print(f"{r['adapter']:<8}{r['variant']:<12}{r['peak_bytes'] / 2**30:>10.2f}{r['tokens_per_s']:>11.1f}"
-              f"{r['step_s']:>9.3f}")  # fmt: skip
+        print(f"{r['adapter']:<8}{r['variant']:<12}{r['peak_bytes'] / 2**30:>10.2f}"
+              f"{r['peak_over_model_bytes'] / 2**30:>11.3f}{r['tokens_per_s']:>11.1f}{r['step_s']:>9.3f}")  # fmt: skip
     meta = {"date": date.today().isoformat(), "machine": platform.platform(), "device": args.device,
             "command": " ".join(["python", *sys.argv]), "model": args.model, "seq_len": args.seq_len}  # fmt: skip
     with open(args.json, "w") as f:
