@@ -23,14 +23,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tiny: dict, out: Path, world: int, engine: str = "ddp") -> list[dict]:
-    out.mkdir()
+def _torchrun(world: int, script: Path, *script_args: str) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}"]  # fmt: skip
-    cmd = [*launcher, str(WORKER), str(tiny["model"]), str(tiny["train"]), str(out), str(world), engine]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*launcher, str(script), *script_args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
+
+
+def _launch(tiny: dict, out: Path, world: int, engine: str = "ddp") -> list[dict]:
+    out.mkdir()
+    _torchrun(world, WORKER, str(tiny["model"]), str(tiny["train"]), str(out), str(world), engine)
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -70,12 +73,7 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, sing
 
 def _launch_fsdp2(tiny: dict, out: Path, world: int) -> dict:
     out.mkdir()
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]  # fmt: skip
-    cmd = [*launcher, str(WORKER.with_name("fsdp2_worker.py")), str(tiny["model"]), str(tiny["train"]), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-5000:]
+    _torchrun(world, WORKER.with_name("fsdp2_worker.py"), str(tiny["model"]), str(tiny["train"]), str(out))
     return torch.load(out / "result.pt")
 
 
