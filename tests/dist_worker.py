@@ -1,7 +1,10 @@
 """Worker for test_distributed.py: one ε-DPO run with a fixed global batch, launched by torchrun on CPU (gloo).
 
 ``engine`` is ``ddp`` (the Trainer's DistributedDataParallel) or ``zero3`` (DeepSpeed ZeRO-3 with every parameter
-partitioned, lm_head included, so the fused head must run on a gathered weight).
+partitioned, lm_head included, so the fused head must run on a gathered weight). DeepSpeed (0.18) also gathers a
+partitioned parameter when it is read as a module attribute inside any forward, so this run checks the head's result
+and gradients under ZeRO-3, not that running it as lm_head's forward is what gathers the weight (the FSDP2 test with
+lm_head as its own unit does check that).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 accelerate enables FSDP only on GPUs, so on CPU the sharding is applied here the way accelerate's FSDP2 path does it
 (``fully_shard`` on every decoder layer, then on the root) and the reference the way TRL's ``prepare_fsdp`` does it
-(``fully_shard`` on the root). World 1 runs the same step unsharded. Rank 0 writes the loss, β and full gradients.
-Usage: ``torchrun --nproc_per_node=W fsdp2_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR``.
+(``fully_shard`` on the root). With layout ``head_unit`` lm_head is an FSDP unit of its own (as size-based wrapping or
+torchtitan-style sharding make it), so its weight is gathered only inside lm_head's forward.
+World 1 runs the same step unsharded. Rank 0 writes the loss, β and full gradients.
+Usage: ``torchrun --nproc_per_node=W fsdp2_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR root_unit|head_unit``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 GLOBAL_BATCH = 4
 
 
-def main(model_dir: str, train_file: str, out_dir: str) -> None:
+def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = EpsilonDPOConfig(
@@ -45,6 +47,8 @@ def main(model_dir: str, train_file: str, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
+        if layout == "head_unit":
+            fully_shard(model.lm_head, mesh=mesh)
         fully_shard(model, mesh=mesh)
         fully_shard(ref, mesh=mesh)
         assert type(model.lm_head.weight).__name__ == "DTensor"

@@ -83,7 +83,6 @@ class EpsilonDPOTrainer(DPOTrainer):
         causal_lm = model.base_model.model if is_peft_model(model) else model
         hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
         head = causal_lm.get_output_embeddings()
-        weight, bias = head.weight, head.bias
 
         # The reference head is read in the forward only (its streams carry no gradient), so a reference model
         # sharded by FSDP2 is gathered until the head has run, then resharded.
@@ -92,20 +91,22 @@ class EpsilonDPOTrainer(DPOTrainer):
             if self.ref_model is None:
                 with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
                     ref_hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
-                    ref_head = causal_lm.get_output_embeddings()
-                    ref_weight, ref_bias = ref_head.weight, ref_head.bias
+                    ref_head = head
             else:
                 ref = self.accelerator.unwrap_model(self.ref_model)
                 ref_gathered.enter_context(_fsdp2_gathered(ref))
                 ref_lm = ref.base_model.model if is_peft_model(ref) else ref
                 ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                 ref_head = ref_lm.get_output_embeddings()
-                ref_weight, ref_bias = ref_head.weight, ref_head.bias
 
         completion = inputs["completion_mask"][:, 1:].bool()
         labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
 
         def head_streams():
+            # lm_head's parameters are read here, inside its forward: FSDP2 swaps the sharded parameters of an
+            # lm_head unit for gathered ones only while that forward runs.
+            weight, bias = head.weight, head.bias
+            ref_weight, ref_bias = (weight, bias) if ref_head is head else (ref_head.weight, ref_head.bias)
             return linear_logprobs(
                 hidden,
                 weight,
@@ -123,8 +124,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         # The policy head runs as lm_head's own forward, so that ZeRO-3 / FSDP gather its weight for the forward
         # and, through their backward hooks, again for a backward that reads it (trainable head). A separate
         # reference head is only read in the forward: TRL's gather context is enough for it.
-        separate_ref = ref_weight is not weight
-        with ref_gathered, maybe_gather_lm_head_ctx(*((ref_weight, ref_bias) if separate_ref else ())):
+        ref_head_params = () if ref_head is head else (ref_head.weight, ref_head.bias)
+        with ref_gathered, maybe_gather_lm_head_ctx(*ref_head_params):
             streams = _run_as_forward_of(head, head_streams)
         policy, ref_lp, plus, minus = (s.sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
         out = edpo_loss(
