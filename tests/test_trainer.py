@@ -243,3 +243,24 @@ def test_naive_and_chunked_heads_agree_on_a_step(tiny_default, tmp_path):
         )
     assert losses["naive"][0] == pytest.approx(losses["chunked"][0], rel=1e-4)
     assert losses["naive"][1] == pytest.approx(losses["chunked"][1], rel=1e-6)
+
+
+def test_tensorboard_receives_edpo_metrics(tiny_default, tmp_path, monkeypatch):
+    """With ``report_to="tensorboard"`` every optimizer step's kl/* and reward scalars reach the event file, equal to
+    the trainer's log history, and the β scalars follow the spec's rule from the logged s̄."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    trainer = _trainer(tiny_default, tmp_path, report_to="tensorboard")
+    trainer.train()
+    logs = _kl_logs(trainer)
+    assert len(logs) == 4
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for key in ("kl/beta", "kl/avg_steps", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "rewards/margins", "loss"):
+        assert scalars[f"train/{key}"] == pytest.approx([h[key] for h in logs], rel=1e-6, abs=1e-7), key
+    avgs = scalars["train/kl/avg_steps"]
+    assert any(a != 0 for a in avgs), "the run should move β"
+    assert scalars["train/kl/beta"] == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=1e-6)
