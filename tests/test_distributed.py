@@ -71,24 +71,24 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, sing
     assert single["param_norms"]["lm_head.weight"] != pytest.approx(before["lm_head.weight"], rel=1e-4)
 
 
-def _launch_fsdp2(tiny: dict, out: Path, world: int, layout: str = "root_unit") -> dict:
+def _launch_fsdp(tiny: dict, out: Path, world: int, layout: str) -> dict:
     out.mkdir()
-    _torchrun(world, WORKER.with_name("fsdp2_worker.py"), str(tiny["model"]), str(tiny["train"]), str(out), layout)
+    _torchrun(world, WORKER.with_name("fsdp_worker.py"), str(tiny["model"]), str(tiny["train"]), str(out), layout)
     return torch.load(out / "result.pt")
 
 
 @pytest.fixture(scope="module")
-def fsdp2_unsharded(tiny_default, tmp_path_factory) -> dict:
-    return _launch_fsdp2(tiny_default, tmp_path_factory.mktemp("fsdp2") / "w1", 1)
+def fsdp_unsharded(tiny_default, tmp_path_factory) -> dict:
+    return _launch_fsdp(tiny_default, tmp_path_factory.mktemp("fsdp") / "w1", 1, "none")
 
 
-@pytest.mark.parametrize("layout", ["root_unit", "head_unit"])
-def test_fsdp2_sharded_step_matches_unsharded(tiny_default, tmp_path, fsdp2_unsharded, layout):
-    """Policy (per layer, lm_head alone for ``head_unit``, root) and reference (root) sharded by FSDP2 over 2 ranks:
-    lm_head, embeddings and norm are DTensor shards outside their unit's forward. One loss + backward + β update
-    equals the unsharded 1-process step."""
-    single = fsdp2_unsharded
-    sharded = _launch_fsdp2(tiny_default, tmp_path / "w2", 2, layout)
+@pytest.mark.parametrize("layout", ["fsdp2", "fsdp2_head_unit", "fsdp1"])
+def test_fsdp_sharded_step_matches_unsharded(tiny_default, tmp_path, fsdp_unsharded, layout):
+    """Policy (per layer, lm_head alone for ``fsdp2_head_unit``, root) and reference (root) sharded by FSDP2 — or both
+    wrapped per layer and at the root by FSDP1 — over 2 ranks: lm_head, embeddings and norm are shards outside their
+    unit's forward. One loss + backward + β update equals the unsharded 1-process step."""
+    single = fsdp_unsharded
+    sharded = _launch_fsdp(tiny_default, tmp_path / "w2", 2, layout)
     assert single["avg_steps"] != 0, "the step should move β"
     assert float(sharded["loss"]) == pytest.approx(float(single["loss"]), rel=1e-6)
     assert sharded["avg_steps"] == pytest.approx(single["avg_steps"], abs=1e-12)

@@ -93,8 +93,8 @@ class EpsilonDPOTrainer(DPOTrainer):
                     ref_hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                     ref_head = head
             else:
+                ref_gathered.enter_context(_root_unit_gathered(self.ref_model))
                 ref = self.accelerator.unwrap_model(self.ref_model)
-                ref_gathered.enter_context(_fsdp2_gathered(ref))
                 ref_lm = ref.base_model.model if is_peft_model(ref) else ref
                 ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                 ref_head = ref_lm.get_output_embeddings()
@@ -250,16 +250,24 @@ def _is_fsdp2(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _fsdp2_gathered(module: torch.nn.Module) -> Iterator[None]:
-    """Gather an FSDP2 module's own (root-unit) parameters for a no-grad read outside its forward; else nothing."""
-    if not _is_fsdp2(module):
-        yield
+def _root_unit_gathered(module: torch.nn.Module) -> Iterator[None]:
+    """Gather the parameters of an FSDP-sharded module's root unit (embeddings, final norm, lm_head when it is not a
+    unit of its own) for a no-grad read outside the module's forward; nested units gather in their own forward.
+    ``module`` is the FSDP1 wrapper or the FSDP2 module; anything else is left as it is."""
+    if _is_fsdp2(module):
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
         return
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(module, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
+            yield
+        return
+    yield
 
 
 def _run_as_forward_of(module: torch.nn.Module, fn: Any) -> Any:

@@ -1,23 +1,30 @@
-"""Worker for test_distributed.py: one ε-DPO loss + backward + β update with the policy and reference sharded by FSDP2.
+"""Worker for test_distributed.py: one ε-DPO loss + backward + β update with the policy and reference sharded by FSDP.
 
-accelerate enables FSDP only on GPUs, so on CPU the sharding is applied here the way accelerate's FSDP2 path does it
-(``fully_shard`` on every decoder layer, then on the root) and the reference the way TRL's ``prepare_fsdp`` does it
-(``fully_shard`` on the root). With layout ``head_unit`` lm_head is an FSDP unit of its own (as size-based wrapping or
-torchtitan-style sharding make it), so its weight is gathered only inside lm_head's forward.
+accelerate enables FSDP only on GPUs, so on CPU the sharding is applied here the way accelerate and TRL do it:
+- ``fsdp2``: ``fully_shard`` on every decoder layer, then on the root (accelerate's FSDP2 path); reference
+  ``fully_shard`` on the root (TRL's ``prepare_fsdp``);
+- ``fsdp2_head_unit``: the same with lm_head an FSDP2 unit of its own (as size-based wrapping or torchtitan-style
+  sharding make it), so its weight is gathered only inside lm_head's forward;
+- ``fsdp1``: ``FullyShardedDataParallel`` wrapping each decoder layer and the root (transformer auto-wrap policy,
+  ``use_orig_params=True``) for both policy and reference.
 World 1 runs the same step unsharded. Rank 0 writes the loss, β and full gradients.
-Usage: ``torchrun --nproc_per_node=W fsdp2_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR root_unit|head_unit``.
+Usage: ``torchrun --nproc_per_node=W fsdp_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR LAYOUT``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 
 import torch
 import torch.distributed as dist
 from datasets import load_dataset
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 
@@ -43,11 +50,21 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world > 1:
+    wrapped, full_grads = model, contextlib.nullcontext()
+    if world > 1 and layout == "fsdp1":
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+        fsdp1 = functools.partial(
+            FullyShardedDataParallel, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        wrapped, trainer.ref_model = fsdp1(model), fsdp1(ref)
+        full_grads = FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, with_grads=True)
+        assert sum(p.numel() for p in model.parameters()) < n_params, "FSDP1 should hold a shard per rank"
+    elif world > 1:
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
-        if layout == "head_unit":
+        if layout == "fsdp2_head_unit":
             fully_shard(model.lm_head, mesh=mesh)
         fully_shard(model, mesh=mesh)
         fully_shard(ref, mesh=mesh)
@@ -57,14 +74,15 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
 
     model.train()
-    loss = trainer.compute_loss(model, inputs)
-    loss.backward()  # FSDP2 reduce-scatters the mean gradient over ranks
+    loss = trainer.compute_loss(wrapped, inputs)
+    loss.backward()  # FSDP reduce-scatters the mean gradient over ranks
     logged = trainer.beta_controller.step()  # all-reduces the decisions of every rank's pairs, then moves β
 
     grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().clone()
+    with full_grads:
+        for name, p in model.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().clone()
     losses = [torch.zeros(()) for _ in range(world)]
     if world > 1:
         dist.all_gather(losses, loss.detach())
