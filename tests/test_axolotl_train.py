@@ -39,12 +39,19 @@ def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
     return tmp_path / "out"
 
 
-@pytest.mark.parametrize("example,weights", [("tiny-edpo.yaml", "model.safetensors"),
-                                             ("tiny-edpo-lora.yaml", "adapter_model.safetensors")])  # fmt: skip
-def test_axolotl_train_tiny(tiny_default, tmp_path, example, weights):
+QLORA = {"adapter": "qlora", "load_in_4bit": True}  # bitsandbytes 4-bit runs on CPU
+
+
+@pytest.mark.parametrize("example,overrides,weights", [("tiny-edpo.yaml", {}, "model.safetensors"),
+                                                       ("tiny-edpo-lora.yaml", {}, "adapter_model.safetensors"),
+                                                       ("tiny-edpo-lora.yaml", QLORA, "adapter_model.safetensors")],
+                         ids=["full", "lora", "qlora"])  # fmt: skip
+def test_axolotl_train_tiny(tiny_default, tmp_path, example, overrides, weights):
     cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
-    out = _run(tiny_default, example, tmp_path)
+    out = _run(tiny_default, example, tmp_path, **overrides)
     assert (out / weights).is_file(), sorted(p.name for p in out.iterdir())
+    quantization = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    assert quantization.get("load_in_4bit", quantization.get("_load_in_4bit", False)) == bool(overrides), quantization
 
     history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
     train = [h for h in history if "loss" in h]

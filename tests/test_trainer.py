@@ -22,7 +22,7 @@ def _config(out, **overrides) -> EpsilonDPOConfig:
         output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
         learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
         beta=BETA, epsilon=EPS, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=64,
-        edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24,
+        edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24, bf16=False,
     )  # fmt: skip
     kwargs.update(overrides)
     return EpsilonDPOConfig(**kwargs)
@@ -264,3 +264,90 @@ def test_tensorboard_receives_edpo_metrics(tiny_default, tmp_path, monkeypatch):
     avgs = scalars["train/kl/avg_steps"]
     assert any(a != 0 for a in avgs), "the run should move β"
     assert scalars["train/kl/beta"] == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=1e-6)
+
+
+def test_qlora_step_matches_float64_dequantized_model(tiny_default, tmp_path):
+    """QLoRA: a 4-bit NF4 base (bitsandbytes, CPU) with LoRA. The reference is a float64 dense model holding the
+    dequantized 4-bit weights, with the same LoRA factors as plain float64 leaf tensors: policy = W + (α/r)·B·A,
+    reference = W. Loss and the gradients of every LoRA factor match. (TRL keeps QLoRA adapters in bf16; the test
+    casts them to fp32 so that the comparison is at fp32 accuracy.)"""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_default["model"], quantization_config=quant, device_map="cpu")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
+    dataset = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(16))
+    trainer = EpsilonDPOTrainer(model=model, args=_config(tmp_path), train_dataset=dataset, processing_class=tok,
+                                peft_config=lora)  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    factors = {}  # LoRA-wrapped module name -> (A [r, in], B [out, r]) trainable parameters
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            # TRL stores QLoRA adapters in bf16 (QLoRA paper); in fp32 the step can be checked to fp32 accuracy
+            assert p.dtype == torch.bfloat16, name
+            p.data = p.data.float()
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))  # B = 0 would make policy == reference
+    for name, module in trainer.model.named_modules():
+        if isinstance(getattr(module, "base_layer", None), bnb.nn.Linear4bit):
+            dense_name = name.removeprefix("base_model.model.")
+            factors[dense_name] = (module.lora_A["default"].weight, module.lora_B["default"].weight)
+    assert len(factors) == 3 * 2  # three targets per layer, two layers
+
+    # float64 dense model: dequantized 4-bit weights, every other weight as loaded
+    dense64 = AutoModelForCausalLM.from_pretrained(tiny_default["model"], dtype=torch.float64)
+    n_dequantized = 0
+    with torch.no_grad():
+        for name, module in trainer.model.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                dense_name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+                dense64.get_submodule(dense_name).weight.copy_(w.double())
+                n_dequantized += 1
+    assert n_dequantized == 7 * 2  # every attention and MLP projection of both layers is 4-bit
+    leaves = {name: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
+              for name, (a, b) in factors.items()}  # fmt: skip
+    scale = lora.lora_alpha / lora.r
+
+    def with_lora(module_name):
+        a, b = leaves[module_name]
+        return lambda mod, args, out: out + scale * (args[0] @ a.T @ b.T)
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["completion_mask"][:, 1:].bool()
+    y = ids[:, 1:].unsqueeze(-1)
+
+    def seq(logits):
+        return (logits.log_softmax(-1).gather(-1, y).squeeze(-1) * mask).sum(-1)
+
+    with torch.no_grad():
+        zr = dense64(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    hooks = [dense64.get_submodule(n).register_forward_hook(with_lora(n)) for n in leaves]
+    z = dense64(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    for h in hooks:
+        h.remove()
+    zd = z.detach()
+    pol, ref, plus, minus = seq(z), seq(zr), seq((1 + EPS) * zd - EPS * zr), seq((1 - EPS) * zd + EPS * zr)
+    (pc, pr), (rc, rr), (plc, plr), (mic, mir) = (t.chunk(2) for t in (pol, ref, plus, minus))
+    s = decisions64(pc.detach(), pr.detach(), plc, plr, mic, mir)
+    assert (s != 0).any(), "the perturbed adapter should move β"
+    want = loss64(pc, pr, rc, rr, s, BETA, EPS).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for name, (a, b) in factors.items():
+        a64, b64 = leaves[name]
+        for got, ref_grad, which in ((a.grad, a64.grad, "A"), (b.grad, b64.grad, "B")):
+            rel = ((got.double() - ref_grad).norm() / ref_grad.norm()).item()
+            assert rel < 1e-4, f"{name}.lora_{which}: relative gradient error {rel:.2e}"
+    assert trainer.beta_controller.step()["avg_steps"] == pytest.approx(s.mean().item(), abs=1e-12)
