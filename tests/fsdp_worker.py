@@ -3,10 +3,12 @@
 accelerate enables FSDP only on GPUs, so on CPU the sharding is applied here the way accelerate and TRL do it:
 - ``fsdp2``: ``fully_shard`` on every decoder layer, then on the root (accelerate's FSDP2 path); reference
   ``fully_shard`` on the root (TRL's ``prepare_fsdp``);
-- ``fsdp2_head_unit``: the same with lm_head an FSDP2 unit of its own (as size-based wrapping or torchtitan-style
-  sharding make it), so its weight is gathered only inside lm_head's forward;
+- ``fsdp2_head_unit``: the same with lm_head an FSDP2 unit of its own in policy and reference (as size-based wrapping
+  or torchtitan-style sharding make it), so its weight is gathered only inside lm_head's forward;
 - ``fsdp1``: ``FullyShardedDataParallel`` wrapping each decoder layer and the root (transformer auto-wrap policy,
-  ``use_orig_params=True``) for both policy and reference.
+  ``use_orig_params=True``) for both policy and reference;
+- ``fsdp1_head_unit``: the same with every nn.Linear (lm_head included) wrapped on its own, in both models as
+  TRL's ``prepare_fsdp`` wraps the reference with the policy's auto-wrap policy.
 World 1 runs the same step unsharded. Rank 0 writes the loss, β and full gradients.
 Usage: ``torchrun --nproc_per_node=W fsdp_worker.py MODEL_DIR TRAIN_JSONL OUT_DIR LAYOUT``.
 """
@@ -51,8 +53,11 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     wrapped, full_grads = model, contextlib.nullcontext()
-    if world > 1 and layout == "fsdp1":
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    if world > 1 and layout.startswith("fsdp1"):
+        units = {LlamaDecoderLayer}
+        if layout == "fsdp1_head_unit":
+            units.add(type(model.lm_head))  # the only nn.Linear outside the (already wrapped) decoder layers
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=units)
         fsdp1 = functools.partial(
             FullyShardedDataParallel, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
         )
@@ -66,6 +71,7 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
             fully_shard(layer, mesh=mesh)
         if layout == "fsdp2_head_unit":
             fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(ref.lm_head, mesh=mesh)
         fully_shard(model, mesh=mesh)
         fully_shard(ref, mesh=mesh)
         assert type(model.lm_head.weight).__name__ == "DTensor"

@@ -82,9 +82,9 @@ def fsdp_unsharded(tiny_default, tmp_path_factory) -> dict:
     return _launch_fsdp(tiny_default, tmp_path_factory.mktemp("fsdp") / "w1", 1, "none")
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "fsdp2_head_unit", "fsdp1"])
+@pytest.mark.parametrize("layout", ["fsdp2", "fsdp2_head_unit", "fsdp1", "fsdp1_head_unit"])
 def test_fsdp_sharded_step_matches_unsharded(tiny_default, tmp_path, fsdp_unsharded, layout):
-    """Policy (per layer, lm_head alone for ``fsdp2_head_unit``, root) and reference (root) sharded by FSDP2 — or both
+    """Policy (per layer, lm_head alone for ``*_head_unit``, root) and reference (root) sharded by FSDP2 — or both
     wrapped per layer and at the root by FSDP1 — over 2 ranks: lm_head, embeddings and norm are shards outside their
     unit's forward. One loss + backward + β update equals the unsharded 1-process step."""
     single = fsdp_unsharded

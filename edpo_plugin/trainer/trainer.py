@@ -84,8 +84,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
         head = causal_lm.get_output_embeddings()
 
-        # The reference head is read in the forward only (its streams carry no gradient), so a reference model
-        # sharded by FSDP2 is gathered until the head has run, then resharded.
+        # The reference head is read in the forward only (its streams carry no gradient), so the root unit (and an
+        # lm_head unit) of a reference sharded by FSDP is gathered until the head has run, then resharded.
         ref_gathered = contextlib.ExitStack()
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None:
@@ -93,11 +93,12 @@ class EpsilonDPOTrainer(DPOTrainer):
                     ref_hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                     ref_head = head
             else:
-                ref_gathered.enter_context(_root_unit_gathered(self.ref_model))
+                ref_gathered.enter_context(_fsdp_unit_gathered(self.ref_model))
                 ref = self.accelerator.unwrap_model(self.ref_model)
                 ref_lm = ref.base_model.model if is_peft_model(ref) else ref
                 ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
                 ref_head = ref_lm.get_output_embeddings()
+                ref_gathered.enter_context(_fsdp_unit_gathered(ref_head))  # when lm_head is an FSDP unit of its own
 
         completion = inputs["completion_mask"][:, 1:].bool()
         labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
@@ -242,18 +243,18 @@ class _BetaUpdateCallback(TrainerCallback):
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:
     """Whether ``module`` was sharded in place by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
+    if not torch.distributed.is_available():
         return False
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(module, FSDPModule)
 
 
 @contextlib.contextmanager
-def _root_unit_gathered(module: torch.nn.Module) -> Iterator[None]:
-    """Gather the parameters of an FSDP-sharded module's root unit (embeddings, final norm, lm_head when it is not a
-    unit of its own) for a no-grad read outside the module's forward; nested units gather in their own forward.
-    ``module`` is the FSDP1 wrapper or the FSDP2 module; anything else is left as it is."""
+def _fsdp_unit_gathered(module: torch.nn.Module) -> Iterator[None]:
+    """Gather an FSDP unit's own parameters (for a model's root: embeddings, final norm, and lm_head when it is not a
+    unit of its own) for a no-grad read outside its forward; nested units gather in their own forward.
+    ``module`` is an FSDP1 wrapper or an FSDP2 module; anything else is left as it is."""
     if _is_fsdp2(module):
         module.unshard()
         try:
@@ -261,26 +262,29 @@ def _root_unit_gathered(module: torch.nn.Module) -> Iterator[None]:
         finally:
             module.reshard()
         return
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if isinstance(module, FullyShardedDataParallel):
-        with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
-            yield
-        return
+        if isinstance(module, FullyShardedDataParallel):
+            with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
+                yield
+            return
     yield
 
 
 def _run_as_forward_of(module: torch.nn.Module, fn: Any) -> Any:
-    """Call ``fn()`` as ``module``'s forward, so that the hooks of ZeRO-3 / FSDP wrapping ``module`` fire."""
-    patched_before = module.__dict__.get("forward")  # an instance-level forward some integrations install
-    module.forward = lambda *_args, **_kwargs: fn()
+    """Call ``fn()`` as ``module``'s forward, so that the hooks of ZeRO-3 / FSDP wrapping ``module`` fire. An FSDP1
+    wrapper keeps its own forward (it gathers the parameters) and the module it wraps runs ``fn``."""
+    inner = getattr(module, "_fsdp_wrapped_module", module)
+    patched_before = inner.__dict__.get("forward")  # an instance-level forward some integrations install
+    inner.forward = lambda *_args, **_kwargs: fn()
     try:
         return module()
     finally:
         if patched_before is None:
-            del module.forward
+            del inner.forward
         else:
-            module.forward = patched_before
+            inner.forward = patched_before
 
 
 def _check_preference_columns(dataset: Any, name: str) -> None:
