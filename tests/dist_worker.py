@@ -56,14 +56,19 @@ def main(model_dir: str, train_file: str, out_dir: str, world: int, engine: str)
     rank = dist.get_rank() if dist.is_initialized() else 0
     logs = [h for h in trainer.state.log_history if "kl/beta" in h]
 
-    params = list(trainer.model.named_parameters())
-    gather = contextlib.nullcontext()
-    if engine == "zero3":
+    def gathered(p: torch.nn.Parameter):
+        if engine != "zero3":
+            return contextlib.nullcontext()
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters([p for _, p in params])
-    with gather:
-        norms = {name: p.detach().double().norm().item() for name, p in params}
+        # One parameter per gather: DeepSpeed's coalesced gather of several waits only on the last gloo handle, and on
+        # CPU an earlier one can still be in flight (seen once: a norm of 5e17 from uninitialised memory).
+        return deepspeed.zero.GatheredParameters([p])
+
+    norms = {}
+    for name, p in trainer.model.named_parameters():
+        with gathered(p):
+            norms[name] = p.detach().double().norm().item()
     result = {
         "world": world,
         "rank": rank,

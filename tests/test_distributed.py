@@ -1,12 +1,11 @@
 """Two CPU processes (torchrun, gloo) hold the same β after every step and match the one-process run, under the
 Trainer's DDP and under DeepSpeed ZeRO-3 (every parameter partitioned, lm_head included); one step with the models
-sharded by FSDP2 equals the unsharded step."""
+sharded by FSDP2 or FSDP1 equals the unsharded step."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,9 @@ import torch
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(world: int, script: Path, *script_args: str) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]  # fmt: skip
+    # --standalone: the launcher binds its rendezvous store to a free port itself (no find-then-bind race)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     done = subprocess.run([*launcher, str(script), *script_args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
