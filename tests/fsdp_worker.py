@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from datasets import load_dataset
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -56,7 +56,7 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
     if world > 1 and layout.startswith("fsdp1"):
         units = {LlamaDecoderLayer}
         if layout == "fsdp1_head_unit":
-            units.add(type(model.lm_head))  # the only nn.Linear outside the (already wrapped) decoder layers
+            units.add(type(model.lm_head))  # every nn.Linear becomes a unit of its own, lm_head included
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=units)
         fsdp1 = functools.partial(
             FullyShardedDataParallel, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
@@ -65,6 +65,8 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
         wrapped, trainer.ref_model = fsdp1(model), fsdp1(ref)
         full_grads = FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, with_grads=True)
         assert sum(p.numel() for p in model.parameters()) < n_params, "FSDP1 should hold a shard per rank"
+        head_unit = isinstance(model.lm_head, FullyShardedDataParallel)
+        assert head_unit == isinstance(ref.lm_head, FullyShardedDataParallel) == (layout == "fsdp1_head_unit")
     elif world > 1:
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
@@ -75,6 +77,7 @@ def main(model_dir: str, train_file: str, out_dir: str, layout: str) -> None:
         fully_shard(model, mesh=mesh)
         fully_shard(ref, mesh=mesh)
         assert type(model.lm_head.weight).__name__ == "DTensor"
+        assert isinstance(model.lm_head, FSDPModule) == isinstance(ref.lm_head, FSDPModule) == (layout != "fsdp2")
     per_rank = GLOBAL_BATCH // world
     rows = [trainer.train_dataset[i] for i in range(rank * per_rank, (rank + 1) * per_rank)]
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))

@@ -319,26 +319,16 @@ def test_qlora_step_matches_float64_dequantized_model(tiny_default, tmp_path):
         a, b = leaves[module_name]
         return lambda mod, args, out: out + scale * (args[0] @ a.T @ b.T)
 
+    ref64 = copy.deepcopy(dense64)  # reference = the dequantized base; the policy adds the float64 LoRA factors
+    for module_name in leaves:
+        dense64.get_submodule(module_name).register_forward_hook(with_lora(module_name))
+
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
 
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = batch["completion_mask"][:, 1:].bool()
-    y = ids[:, 1:].unsqueeze(-1)
-
-    def seq(logits):
-        return (logits.log_softmax(-1).gather(-1, y).squeeze(-1) * mask).sum(-1)
-
-    with torch.no_grad():
-        zr = dense64(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    hooks = [dense64.get_submodule(n).register_forward_hook(with_lora(n)) for n in leaves]
-    z = dense64(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    for h in hooks:
-        h.remove()
-    zd = z.detach()
-    pol, ref, plus, minus = seq(z), seq(zr), seq((1 + EPS) * zd - EPS * zr), seq((1 - EPS) * zd + EPS * zr)
+    pol, ref, plus, minus = _streams64(dense64, ref64, batch, EPS)
     (pc, pr), (rc, rr), (plc, plr), (mic, mir) = (t.chunk(2) for t in (pol, ref, plus, minus))
     s = decisions64(pc.detach(), pr.detach(), plc, plr, mic, mir)
     assert (s != 0).any(), "the perturbed adapter should move β"
