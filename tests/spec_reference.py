@@ -15,14 +15,22 @@ def token_logprobs64(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ) -> list[torch.Tensor]:
-    """[policy, ref, plus, minus] float64 per-token log-probs from materialised logits; 0 at ignored labels."""
+    """[policy, ref, plus, minus] float64 per-token log-probs from materialised logits; 0 at ignored labels.
+
+    Logits are ``softcap·tanh(scale·(W h + b) / softcap)`` (no tanh when ``softcap`` is None), for both models.
+    """
     z = hidden.double() @ weight.double().T
     zr = ref_hidden.double() @ ref_weight.double().T
     if bias is not None:
         z = z + bias.double()
     if ref_bias is not None:
         zr = zr + ref_bias.double()
+    z, zr = z * scale, zr * scale
+    if softcap is not None:
+        z, zr = softcap * torch.tanh(z / softcap), softcap * torch.tanh(zr / softcap)
     valid = labels != ignore_index
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()
     out = []

@@ -19,17 +19,19 @@ import torch
 
 from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, chunked_linear_logprobs
 from edpo_plugin.ops.naive import naive_linear_logprobs
+from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
-__all__ = ["IMPLS", "LinearLogprobs", "linear_logprobs", "resolve_impl", "triton_available"]
+__all__ = ["IMPLS", "LinearLogprobs", "LogitTransform", "linear_logprobs", "resolve_impl", "triton_available"]
 
 
 class LinearLogprobs(NamedTuple):
     """Per-token log-probs, each fp32 with the shape of ``labels``; 0 where ``labels == ignore_index``.
 
     ``policy`` = log softmax(z_θ)[y] (carries the gradient), ``ref`` = log softmax(z_ref)[y],
-    ``plus`` = log softmax((1+ε)z_θ − εz_ref)[y], ``minus`` = log softmax((1−ε)z_θ + εz_ref)[y].
+    ``plus`` = log softmax((1+ε)z_θ − εz_ref)[y], ``minus`` = log softmax((1−ε)z_θ + εz_ref)[y], where
+    ``z = transform(W h + b)`` for policy and reference alike.
     """
 
     policy: torch.Tensor
@@ -66,6 +68,7 @@ def linear_logprobs(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    transform: LogitTransform | None = None,
     impl: str = "auto",
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
@@ -81,26 +84,32 @@ def linear_logprobs(
         epsilon: the ε of the two mixes, ``0 < ε < 1``.
         bias, ref_bias: optional ``lm_head`` biases ``[V]``.
         ignore_index: label value whose positions get 0 in every stream and no gradient.
+        transform: what the model does to ``W h + b`` before its softmax (scale, then soft cap); ``None`` for
+            plain logits. Applied to policy and reference logits before the ε-mixes.
         impl: ``"auto"``, ``"naive"``, ``"chunked"`` or ``"triton"``.
         token_chunk, vocab_chunk: tile sizes of the fused paths (rows of tokens, columns of vocabulary).
 
     Returns:
         :class:`LinearLogprobs` of fp32 tensors shaped like ``labels``. Gradient flows from ``policy`` to
-        ``hidden``, and to ``weight``/``bias`` when they require grad.
+        ``hidden``, and to ``weight``/``bias`` when they require grad. Computed in fp32 with autocast disabled,
+        whatever the input dtype and the caller's autocast state.
     """
     _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias)
+    transform = IDENTITY if transform is None else LogitTransform(*transform)
+    transform.check()
     lead_shape = labels.shape
     d = hidden.shape[-1]
     flat = (hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon))
     kind = resolve_impl(impl, hidden.device)
     if kind == "naive":
-        streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index)
+        streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform)
     else:
         streams = chunked_linear_logprobs(
             *flat,
             bias,
             ref_bias,
             ignore_index,
+            transform=transform,
             token_chunk=token_chunk,
             vocab_chunk=vocab_chunk,
             use_triton=kind == "triton",

@@ -1,13 +1,16 @@
 """Materialising log-prob head: full ``[tokens × vocab]`` logits for all four streams.
 
 This is what the authors' reference trainer does, kept as the simple baseline (``impl="naive"``) and as a
-readable statement of what the fused paths compute. Logits are computed in fp32.
+readable statement of what the fused paths compute. Logits are computed in fp32 with autocast disabled.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from edpo_plugin.ops.chunked import mix_streams
+from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 
 def naive_linear_logprobs(
@@ -20,6 +23,7 @@ def naive_linear_logprobs(
     bias: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
     ignore_index: int,
+    transform: LogitTransform = IDENTITY,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``(policy, ref, plus, minus)``, each fp32 ``[N]``, 0 where ``labels == ignore_index``.
 
@@ -33,11 +37,14 @@ def naive_linear_logprobs(
         picked = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
         return torch.where(valid, picked, torch.zeros_like(picked))
 
-    policy_logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    with torch.no_grad():
-        ref_logits = F.linear(ref_hidden.float(), ref_weight.float(), None if ref_bias is None else ref_bias.float())
-        z = policy_logits.detach()
-        plus = token_logprobs((1 + epsilon) * z - epsilon * ref_logits)
-        minus = token_logprobs((1 - epsilon) * z + epsilon * ref_logits)
-        ref = token_logprobs(ref_logits)
-    return token_logprobs(policy_logits), ref, plus, minus
+    with torch.autocast(hidden.device.type, enabled=False):
+        policy_logits = transform.apply(
+            F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        )
+        with torch.no_grad():
+            ref_logits = transform.apply(
+                F.linear(ref_hidden.float(), ref_weight.float(), None if ref_bias is None else ref_bias.float())
+            )
+            _, _, plus_logits, minus_logits = mix_streams(policy_logits.detach(), ref_logits, epsilon)
+            plus, minus, ref = (token_logprobs(z) for z in (plus_logits, minus_logits, ref_logits))
+        return token_logprobs(policy_logits), ref, plus, minus

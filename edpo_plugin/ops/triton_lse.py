@@ -3,7 +3,8 @@
 
 Each program computes ``z_θ = H Wᵀ`` and ``z_ref = H_ref W_refᵀ`` for its token block, one ``BLOCK_V`` tile at a
 time (fp32 accumulation), forms the two mixes in registers and updates a running max / sum for all four
-streams; no logits leave the chip. Workspace: ``2 × 4 × splits × tokens`` fp32.
+streams; no logits leave the chip. The model's logit transform (scale, soft cap) is applied to both before the
+mixes. Workspace: ``2 × 4 × splits × tokens`` fp32.
 
 fp32 inputs use IEEE fp32 dots (parity with fp32 references). bf16/fp16 inputs use native tensor-core dots with
 fp32 accumulation, except under ``TRITON_INTERPRET=1`` where low-precision dots are not reliable and loads are
@@ -17,6 +18,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from edpo_plugin.ops.transform import IDENTITY, LogitTransform
+
+
+@triton.jit
+def _tanh(x):
+    """fp32 tanh from one exp: sign(x)·(1 − e^{−2|x|}) / (1 + e^{−2|x|}) (no overflow for any x)."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
 
 
 @triton.jit
@@ -34,6 +45,8 @@ def _mix_lse_partial_kernel(
     dim,
     cols_per_split,
     epsilon,
+    scale,
+    softcap,
     stride_h,
     stride_w,
     stride_hr,
@@ -41,6 +54,8 @@ def _mix_lse_partial_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_REF_BIAS: tl.constexpr,
     SHARED_WEIGHT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -91,8 +106,15 @@ def _mix_lse_partial_kernel(
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_REF_BIAS:
             zr += tl.load(br_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        za = z + epsilon * (z - zr)  # (1+ε)z_θ − εz_ref
-        zb = z - epsilon * (z - zr)  # (1−ε)z_θ + εz_ref
+        if HAS_SCALE:
+            z = z * scale
+            zr = zr * scale
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+            zr = softcap * _tanh(zr / softcap)
+        delta = (z - zr) * epsilon
+        za = z + delta  # (1+ε)z_θ − εz_ref, as a correction to z_θ (see chunked.mix_streams)
+        zb = z - delta  # (1−ε)z_θ + εz_ref
         keep = col_ok[None, :]
         z = tl.where(keep, z, neg_inf)
         zr = tl.where(keep, zr, neg_inf)
@@ -150,15 +172,17 @@ def triton_mix_lse(
     wr: torch.Tensor,
     br: torch.Tensor | None,
     epsilon: float,
+    transform: LogitTransform = IDENTITY,
     *,
     shared: bool = False,
-) -> torch.Tensor:
-    """fp32 ``[4, M]`` logsumexp of z_θ, z_ref, (1+ε)z_θ−εz_ref, (1−ε)z_θ+εz_ref for rows of ``h``/``hr [M, d]``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row statistics ``(max, log Σ exp(z − max))``, each fp32 ``[4, M]``, of z_θ, z_ref, (1+ε)z_θ−εz_ref and
+    (1−ε)z_θ+εz_ref for rows of ``h``/``hr [M, d]``, with ``z = transform(W h + b)``."""
     n_rows, dim = h.shape
     vocab = w.shape[0]
-    out = torch.empty(4, n_rows, dtype=torch.float32, device=h.device)
     if n_rows == 0:
-        return out
+        empty = torch.empty(4, 0, dtype=torch.float32, device=h.device)
+        return empty, empty.clone()
     h, hr, w, wr = h.contiguous(), hr.contiguous(), w.contiguous(), wr.contiguous()
     block_m, block_v, block_d, num_warps = _block_sizes(h.dtype)
     row_blocks = triton.cdiv(n_rows, block_m)
@@ -186,6 +210,8 @@ def triton_mix_lse(
         dim,
         cols_per_split,
         float(epsilon),
+        float(transform.scale),
+        float(transform.softcap or 1.0),
         h.stride(0),
         w.stride(0),
         hr.stride(0),
@@ -193,6 +219,8 @@ def triton_mix_lse(
         HAS_BIAS=b is not None,
         HAS_REF_BIAS=br is not None,
         SHARED_WEIGHT=shared,
+        HAS_SCALE=transform.scale != 1.0,
+        HAS_SOFTCAP=transform.softcap is not None,
         DOT_FP32=dot_fp32,
         BLOCK_M=block_m,
         BLOCK_V=block_v,
@@ -200,5 +228,5 @@ def triton_mix_lse(
         num_warps=num_warps,
     )
     top = part_max.amax(dim=1, keepdim=True)
-    torch.log((part_sum * torch.exp(part_max - top)).sum(dim=1), out=out)
-    return out.add_(top.squeeze(1))
+    logsum = (part_sum * torch.exp(part_max - top)).sum(dim=1).log_()
+    return top.squeeze(1), logsum
