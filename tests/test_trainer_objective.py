@@ -268,3 +268,39 @@ def test_evaluation_between_steps_does_not_feed_beta(tiny_default, tmp_path):
 def _llama_copy_unperturbed(tok):
     torch.manual_seed(0)
     return _llama(tok)
+
+
+def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_path):
+    """Axolotl's `chat_template.default` DPO strategy with a template that writes `bos_token` (Llama-3-Instruct
+    style) yields prompts TRL 1.9 tokenizes to [bos, bos, …]; the trainer's batch loss equals the one of the same
+    rows rendered without the written BOS (where the tokenizer adds the only one)."""
+    from axolotl.prompt_strategies.dpo.chat_template import default as chat_template_default
+    from datasets import Dataset
+    from make_tiny_default import CHATML_TEMPLATE  # scripts/ is on sys.path (tiny_default fixture)
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    rows = [
+        {"messages": [{"role": "user", "content": q}], "chosen": {"role": "assistant", "content": a},
+         "rejected": {"role": "assistant", "content": b}}
+        for q, a, b in [("hello", "yes", "no"), ("eight", "nine", "one"), ("one", "two", "eight"), ("no", "yes", "no")]
+    ]  # fmt: skip
+
+    def render(template: str) -> Dataset:
+        dataset_cfg = {"type": "chat_template.default", "chat_template": "jinja", "chat_template_jinja": template}
+        transform, _ = chat_template_default({"datasets": [dataset_cfg]})
+        return Dataset.from_list([transform(row, tokenizer=tok) for row in rows])
+
+    torch.manual_seed(0)
+    model = _llama(tok)
+    _perturb(model)
+    losses, firsts = [], []
+    for name, template in (("plain", CHATML_TEMPLATE), ("bos", "{{ bos_token }}" + CHATML_TEMPLATE)):
+        trainer = EpsilonDPOTrainer(model=copy.deepcopy(model), ref_model=_llama_copy_unperturbed(tok),
+                                    args=_args(EpsilonDPOConfig, tmp_path / name, epsilon=0.1),
+                                    train_dataset=render(template), processing_class=tok)  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        firsts.append(batch["input_ids"][:, :2].tolist())
+        losses.append(trainer.compute_loss(trainer.model, batch).item())
+    assert all(row == [tok.bos_token_id, tok.bos_token_id] for row in firsts[1]), "the strategy no longer doubles BOS"
+    assert all(row[1] != tok.bos_token_id for row in firsts[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
