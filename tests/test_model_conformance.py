@@ -566,7 +566,8 @@ NOT_BUILT_HERE = {
 
 
 def _custom_llama(field_name: str | None, value=2.0):
-    """A user's own architecture: Llama with model_type 'my_llama' whose forward applies ``field_name``."""
+    """A user's own architecture: Llama with model_type 'my_llama' whose forward multiplies its logits by the config
+    field ``field_name`` (which no table in model_head.py describes for this model_type)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class MyLlamaConfig(LlamaConfig):
@@ -592,7 +593,17 @@ def _custom_llama(field_name: str | None, value=2.0):
 
 @pytest.mark.parametrize(
     "field_name",
-    ["logit_scale", "logits_scaling", "final_logit_softcapping", "lm_head_multiplier", "output_multiplier"],
+    [
+        "final_logit_softcapping",
+        "logits_soft_cap",
+        "logit_softcapping",
+        "logit_scale",
+        "logits_scaling",
+        "lm_head_multiplier",
+        "output_multiplier",
+        "logit_multiplier",
+        "mup_width_multiplier",
+    ],
 )
 def test_unknown_architecture_with_a_transform_field_is_refused(field_name):
     model = _custom_llama(field_name)
@@ -773,3 +784,14 @@ def test_merged_trainable_tokens_reference_is_the_original_rows():
         with pm.disable_adapter():
             want_off = _model_logprobs(pm, ids, mask, labels)
     assert _rel(off.policy, want_off) <= STREAM_TOL
+
+
+@pytest.mark.parametrize("layer", ["Linear4bit", "Linear8bitLt"])
+def test_quantized_lm_head_is_refused(layer):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _build(ARCH_BY_ID["llama-untied"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.lm_head = getattr(bnb.nn, layer)(32, VOCAB, bias=False)
+    with pytest.raises(ValueError, match=rf"LlamaForCausalLM's lm_head is a {layer}"):
+        describe_head(model)
