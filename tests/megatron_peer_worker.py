@@ -6,7 +6,8 @@ megatron-core's tensor-parallel group comes from ``parallel_state.initialize_mod
 this rank's logits ``T(h W_rᵀ + b_r)`` (the logit transform is elementwise, so it is applied per shard) as
 ``[s, b, V/R]`` and returns ``lse − z[y]``; ours must give ``−`` that, and the same gradients of ``h``, ``W_r`` and
 ``b_r`` for the loss ``Σ c · log p`` (Megatron's hidden gradient is summed over the group by
-``copy_to_tensor_model_parallel_region`` in front of its column-parallel head, as in ``ColumnParallelLinear``). Each rank writes ``out/rank{r}.pt``.
+``copy_to_tensor_model_parallel_region`` in front of its column-parallel head, as in ``ColumnParallelLinear``).
+Each rank writes ``out/rank{r}.pt``.
 """
 
 from __future__ import annotations
