@@ -105,3 +105,25 @@ def test_policy_stream_matches_megatron_core(tmp_path):
             for key in ("grad_h", "grad_w", "grad_b"):
                 assert megatron[key].abs().max() > 0
                 _close_grad(ours[key], megatron[key], f"{case} rank {rank} {key}")
+
+
+def test_tp_plan_auto_llama_head_matches_whole_model(tiny_default, tmp_path):
+    """A tiny Llama loaded with ``tp_plan="auto"`` on 2 ranks: ``lm_head.weight`` is a ``Shard(0)`` DTensor, the
+    decoder hands the head plain (replicated) hidden states, and ``linear_logprobs`` on the TP weights gives the
+    whole model's four streams, its own ``log_softmax(logits)`` at the labels (policy and reference), and the
+    gradients of lm_head, the final norm, the embeddings, a colwise and two rowwise projections."""
+    _torchrun(2, HERE / "tp_model_worker.py", str(tiny_default["model"]), str(tmp_path))
+    for rank in range(2):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        layout = res["layout"]
+        assert layout["lm_head_type"] == "DTensor" and layout["lm_head_placements"] == ["S(0)"]
+        assert layout["lm_head_local_rows"] * 2 == layout["vocab"]
+        tp, whole = res["tp"], res["whole"]
+        assert tp["hidden_is_plain"]
+        torch.testing.assert_close(tp["streams"], whole["streams"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tp["streams"][0], whole["own_policy"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tp["streams"][1], whole["own_ref"], rtol=0, atol=1e-5)
+        assert not torch.equal(whole["streams"][0], whole["streams"][1]), "the reference should differ"
+        for name, grad in whole["grads"].items():
+            assert grad.abs().max() > 0, name
+            _close_grad(tp["grads"][name], grad, f"rank {rank} {name}")
