@@ -11,7 +11,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from edpo_plugin.axolotl.args import TRAINER_CLS
+from edpo_plugin.axolotl.args import CFG_TO_ARGS, TRAINER_CLS
 
 __all__ = ["EDPOPlugin", "TRAINER_CLS"]
 
@@ -21,6 +21,16 @@ class EDPOPlugin(BasePlugin):
 
     def get_input_args(self) -> str:
         return "edpo_plugin.axolotl.args.EDPOArgs"
+
+    def get_training_args_mixin(self) -> str:
+        """ε-DPO's fields become declared fields of Axolotl's training args (``args.to_dict()``, hparams logs)."""
+        return "edpo_plugin.trainer.config.EpsilonDPOFields"
+
+    def get_training_args(self, cfg: Any) -> dict[str, Any] | None:
+        """The validated YAML values of ε-DPO's fields, for ``rl: edpo`` runs only."""
+        if cfg.get("trainer_cls") != TRAINER_CLS:
+            return None
+        return {arg: cfg[key] for key, arg in CFG_TO_ARGS.items()}
 
     def register(self, cfg: dict[str, Any]) -> None:
         if cfg.get("rl") != "edpo":

@@ -6,18 +6,40 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from edpo_plugin.trainer.config import EpsilonDPOFields
+
 TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
+# YAML field -> training-args field (EpsilonDPOFields); the defaults are EpsilonDPOFields' own
+CFG_TO_ARGS = {
+    "edpo_epsilon": "epsilon",
+    "edpo_head": "edpo_head",
+    "edpo_head_token_chunk": "edpo_head_token_chunk",
+    "edpo_head_vocab_chunk": "edpo_head_vocab_chunk",
+    "edpo_head_check": "edpo_head_check",
+}
+_DEFAULTS = EpsilonDPOFields()
 
 
 class EDPOArgs(BaseModel):
     """``rl: edpo`` settings. ``rl_beta`` is the initial β (Axolotl's own field); these add ε and the head."""
 
-    edpo_epsilon: float = Field(default=0.01, gt=0.0, lt=1.0, description="ε of the perturbation, 0 < ε < 1.")
-    edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
-        default="auto", description="Log-prob head: auto (Triton on CUDA, else chunked), chunked, triton or naive."
+    edpo_epsilon: float = Field(
+        default=_DEFAULTS.epsilon, gt=0.0, lt=1.0, description="ε of the perturbation, 0 < ε < 1."
     )
-    edpo_head_token_chunk: int = Field(default=1024, ge=1, description="Completion tokens per chunk in the head.")
-    edpo_head_vocab_chunk: int = Field(default=4096, ge=1, description="Vocabulary columns per tile in the head.")
+    edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
+        default=_DEFAULTS.edpo_head,
+        description="Log-prob head: auto (Triton on CUDA, else chunked), chunked, triton or naive.",
+    )
+    edpo_head_token_chunk: int = Field(
+        default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk in the head."
+    )
+    edpo_head_vocab_chunk: int = Field(
+        default=_DEFAULTS.edpo_head_vocab_chunk, ge=1, description="Vocabulary columns per tile in the head."
+    )
+    edpo_head_check: bool = Field(
+        default=_DEFAULTS.edpo_head_check,
+        description="Check the fused head against the models' own forward on the first micro-batch.",
+    )
 
     @model_validator(mode="before")
     @classmethod

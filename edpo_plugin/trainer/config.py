@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig
@@ -13,11 +13,9 @@ from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 
 
 @dataclass
-class EpsilonDPOConfig(DPOConfig):
-    """Configuration of :class:`~edpo_plugin.trainer.EpsilonDPOTrainer`.
-
-    ``beta`` is the initial β; it then moves once per optimizer step by ``β ← β / (1 + ε·s̄)``.
-    """
+class EpsilonDPOFields:
+    """ε-DPO's own training arguments: one definition, mixed into ``EpsilonDPOConfig`` and (through the Axolotl
+    plugin's training-args mixin) into Axolotl's DPO config, so they reach ``args.to_dict()`` and hparams logs."""
 
     epsilon: float = field(
         default=0.01,
@@ -37,6 +35,26 @@ class EpsilonDPOConfig(DPOConfig):
     edpo_head_vocab_chunk: int = field(
         default=DEFAULT_VOCAB_CHUNK, metadata={"help": "Vocabulary columns per tile in the fused head."}
     )
+    edpo_head_check: bool = field(
+        default=True,
+        metadata={
+            "help": "On the first training micro-batch, compare the fused head's policy and reference log-probs on "
+            "one short row with the models' own forward, and stop on a disagreement (an architecture whose logits "
+            "are not what the head computes). One extra short forward per model, once per run."
+        },
+    )
+
+
+EDPO_FIELD_NAMES = tuple(f.name for f in fields(EpsilonDPOFields))
+
+
+@dataclass
+class EpsilonDPOConfig(EpsilonDPOFields, DPOConfig):
+    """Configuration of :class:`~edpo_plugin.trainer.EpsilonDPOTrainer`: TRL's ``DPOConfig`` plus
+    :class:`EpsilonDPOFields`.
+
+    ``beta`` is the initial β; it then moves once per optimizer step by ``β ← β / (1 + ε·s̄)``.
+    """
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,7 +63,7 @@ class EpsilonDPOConfig(DPOConfig):
 
 def validate_edpo_args(args: Any) -> None:
     """Refuse settings that ε-DPO cannot honour, naming the option. ``args`` is a ``DPOConfig`` with ε fields."""
-    for name in ("epsilon", "edpo_head", "edpo_head_token_chunk", "edpo_head_vocab_chunk"):
+    for name in EDPO_FIELD_NAMES:
         if not hasattr(args, name):
             raise TypeError(f"{type(args).__name__} has no `{name}`: pass an EpsilonDPOConfig to EpsilonDPOTrainer.")
     check_epsilon_beta(args.beta, args.epsilon)

@@ -27,6 +27,8 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 from edpo_plugin.loss import BetaController, edpo_loss
 from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
+from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
+from edpo_plugin.trainer.model_head import HeadView, describe_head
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ class EpsilonDPOTrainer(DPOTrainer):
             raise ValueError(
                 "ε-DPO does not add the MoE router auxiliary loss: set router_aux_loss_coef=0.0 for this model."
             )
-        _refuse_adapter_on_lm_head(self.model)
+        policy_view = describe_head(self.model)  # refuses what the fused head cannot compute exactly
+        if self.ref_model is not None:
+            _check_same_transform(policy_view, describe_head(self.accelerator.unwrap_model(self.ref_model)))
+        elif is_peft_model(self.model) and "ref" in self.model.peft_config and policy_view.module is not None:
+            _refuse_ref_adapter_with_head_wrapper(policy_view)
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
+        self._head_checked = not self.args.edpo_head_check
+        self._warned_double_bos = False
         self._warned_empty_completion = False
         self._edpo_forward_redirection = _ForwardRedirection()
         self.add_callback(_BetaUpdateCallback(self))
@@ -67,7 +75,10 @@ class EpsilonDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("ε-DPO never materialises logits, so compute_loss cannot return model outputs.")
+        inputs = self._drop_duplicate_bos(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
+        if not self._head_checked and self.model.training:
+            self._head_checked = self._check_head_against_model(model, unwrapped, inputs)
         if unwrapped is not model or _is_fsdp2(unwrapped):
             # DDP / DeepSpeed / FSDP1 wrap the model: run inside the wrapper's forward so that its gradient-sync and
             # ZeRO-3 hooks fire. FSDP2 shards in place and gathers its root unit's parameters (embeddings, final
@@ -80,25 +91,28 @@ class EpsilonDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
 
-        causal_lm = model.base_model.model if is_peft_model(model) else model
-        hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
-        head = causal_lm.get_output_embeddings()
+        view = describe_head(model)
+        # The backbone runs under the accelerator's autocast, as the model's own (accelerate-patched) forward does
+        # in TRL's DPO; the head computes in fp32 whatever the autocast state.
+        with self.accelerator.autocast():
+            hidden = view.backbone(**model_kwargs).last_hidden_state[:, :-1]
 
         # The reference head is read in the forward only (its streams carry no gradient), so the root unit (and an
         # lm_head unit) of a reference sharded by FSDP is gathered until the head has run, then resharded.
         ref_gathered = contextlib.ExitStack()
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None:
+                # PEFT: the reference is the policy with its adapters disabled (or TRL's "ref" adapter)
                 with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-                    ref_hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
-                    ref_head = head
+                    with self.accelerator.autocast():
+                        ref_hidden = view.backbone(**model_kwargs).last_hidden_state[:, :-1]
+                ref_view, ref_adapters = view, False
             else:
                 ref_gathered.enter_context(_fsdp_unit_gathered(self.ref_model))
-                ref = self.accelerator.unwrap_model(self.ref_model)
-                ref_lm = ref.base_model.model if is_peft_model(ref) else ref
-                ref_hidden = ref_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
-                ref_head = ref_lm.get_output_embeddings()
-                ref_gathered.enter_context(_fsdp_unit_gathered(ref_head))  # when lm_head is an FSDP unit of its own
+                ref_view, ref_adapters = describe_head(self.accelerator.unwrap_model(self.ref_model)), True
+                with self.accelerator.autocast():
+                    ref_hidden = ref_view.backbone(**model_kwargs).last_hidden_state[:, :-1]
+                ref_gathered.enter_context(_fsdp_unit_gathered(ref_view.module))  # lm_head as its own FSDP unit
 
         completion = inputs["completion_mask"][:, 1:].bool()
         labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
@@ -106,8 +120,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         def head_streams():
             # lm_head's parameters are read here, inside its forward: FSDP2 swaps the sharded parameters of an
             # lm_head unit for gathered ones only while that forward runs.
-            weight, bias = head.weight, head.bias
-            ref_weight, ref_bias = (weight, bias) if ref_head is head else (ref_head.weight, ref_head.bias)
+            weight, bias = view.weight_and_bias(adapters=True)
+            ref_weight, ref_bias = ref_view.weight_and_bias(adapters=ref_adapters)
             return linear_logprobs(
                 hidden,
                 weight,
@@ -117,6 +131,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 epsilon=self.args.epsilon,
                 bias=bias,
                 ref_bias=ref_bias,
+                transform=view.transform,
                 impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk,
                 vocab_chunk=self.args.edpo_head_vocab_chunk,
@@ -125,10 +140,11 @@ class EpsilonDPOTrainer(DPOTrainer):
         # The policy head runs as lm_head's own forward, so that ZeRO-3 / FSDP gather its weight for the forward
         # and, through their backward hooks, again for a backward that reads it (trainable head). A separate
         # reference head is only read in the forward: TRL's gather context is enough for it.
-        ref_head_params = () if ref_head is head else (ref_head.weight, ref_head.bias)
+        ref_head_params = () if ref_view.module is view.module else tuple(ref_view.module.parameters())
         with ref_gathered, maybe_gather_lm_head_ctx(*ref_head_params):
-            streams = _run_as_forward_of(head, head_streams)
-        policy, ref_lp, plus, minus = (s.sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
+            streams = _run_as_forward_of(view.module, head_streams)
+        # Sequence sums in float64: the decisions compare sums that differ by O(ε) and must not flip by rounding.
+        policy, ref_lp, plus, minus = (s.double().sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
         out = edpo_loss(
             policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
             beta=self.beta_controller.beta,
@@ -141,7 +157,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         n_completion = completion.sum(-1).chunk(2)
         contributes = (n_completion[0] > 0) & (n_completion[1] > 0)
         n_pairs = contributes.sum()
-        loss = (out.losses * contributes).sum() / n_pairs.clamp(min=1)
+        loss = ((out.losses * contributes).sum() / n_pairs.clamp(min=1)).float()
         if not self._warned_empty_completion and not bool(contributes.all()):
             self._warned_empty_completion = True
             logger.warning(
@@ -179,6 +195,83 @@ class EpsilonDPOTrainer(DPOTrainer):
             metrics["kl/avg_steps"].append(mean(out.decisions))
             metrics["kl/p_epsilon_steps"].append(mean((out.decisions > 0).float()))
             metrics["kl/n_epsilon_steps"].append(mean((out.decisions < 0).float()))
+
+    # ------------------------------------------------------------------------------------- input and head checks
+
+    def _drop_duplicate_bos(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows starting ``[bos, bos, …]`` (a chat template that writes BOS, tokenized again with special tokens)
+        lose their first token; the rows are right-padded, so each such row shifts left by one."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = inputs["input_ids"]
+        if bos is None or ids.shape[1] < 2:
+            return inputs
+        doubled = (ids[:, 0] == bos) & (ids[:, 1] == bos) & inputs["attention_mask"][:, 1].bool()
+        if not bool(doubled.any()):
+            return inputs
+        if not self._warned_double_bos:
+            self._warned_double_bos = True
+            logger.warning(
+                "ε-DPO: %d of %d sequences start with a doubled BOS token (the chat template writes BOS and the "
+                "tokenizer adds it again); the duplicate is dropped.",
+                int(doubled.sum()),
+                ids.shape[0],
+            )
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        out = dict(inputs)
+        for key in ("input_ids", "attention_mask", "completion_mask", "token_type_ids"):
+            if key not in inputs:
+                continue
+            fill = pad_id if key == "input_ids" else 0
+            shifted = torch.cat((inputs[key][:, 1:], torch.full_like(inputs[key][:, :1], fill)), dim=1)
+            out[key] = torch.where(doubled.unsqueeze(1), shifted, inputs[key])
+        if bool(doubled.all()):
+            out = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "completion_mask", "token_type_ids") else v
+                   for k, v in out.items()}  # fmt: skip
+        return out
+
+    def _check_head_against_model(self, model, unwrapped, inputs) -> bool:
+        """The first-step check (``edpo_head_check``): the fused head against the policy's and the reference's own
+        forward on one short row (see ``head_check.py``). Returns whether the check ran."""
+        row = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        if row is None:
+            return False
+        ids, mask = row
+        labels = ids[:, 1:]
+
+        def fused(view: HeadView, hidden: torch.Tensor, adapters: bool) -> torch.Tensor:
+            weight, bias = view.weight_and_bias(adapters=adapters)
+            return linear_logprobs(
+                hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, bias=bias, ref_bias=bias,
+                epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
+                token_chunk=self.args.edpo_head_token_chunk, vocab_chunk=self.args.edpo_head_vocab_chunk,
+            ).policy  # fmt: skip
+
+        def own_forward(module):
+            return lambda: module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        checks = []
+        with torch.no_grad(), self.accelerator.autocast():
+            view = describe_head(unwrapped)
+            own = own_forward_logprobs(own_forward(model), view.module, labels)
+            with _fsdp_unit_gathered(model):
+                got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, True))
+            checks.append((own, got, f"{type(view.causal_lm).__name__} (policy)"))
+            if self.ref_model is None:
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    own = own_forward_logprobs(own_forward(model), view.module, labels)
+                with _fsdp_unit_gathered(model):
+                    got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, False))
+            else:
+                ref_view = describe_head(self.accelerator.unwrap_model(self.ref_model))
+                own = own_forward_logprobs(own_forward(self.ref_model), ref_view.module, labels)
+                with _fsdp_unit_gathered(self.ref_model):
+                    got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, own.hidden, True))
+            checks.append((own, got, f"{type(view.causal_lm).__name__} (reference)"))
+        for own, got, what in checks:
+            worst = compare_with_model(own, got, what)
+            logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
+        return True
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -309,15 +402,20 @@ def _check_preference_columns(dataset: Any, name: str) -> None:
                     )
 
 
-def _refuse_adapter_on_lm_head(model: torch.nn.Module) -> None:
-    """The head reads ``lm_head.weight`` directly: a LoRA adapter on ``lm_head`` would silently never train."""
-    if not is_peft_model(model):
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+def _check_same_transform(policy: HeadView, reference: HeadView) -> None:
+    if policy.transform != reference.transform:
         raise ValueError(
-            "A PEFT adapter on lm_head is not supported by ε-DPO's fused head (it reads lm_head.weight directly, so "
-            "the adapter would never train). Remove 'lm_head' from lora_target_modules / target_modules; to train "
-            "the head, list it in modules_to_save instead."
+            f"The reference model's logit transform {reference.transform} differs from the policy's "
+            f"{policy.transform} ({type(reference.causal_lm).__name__} vs {type(policy.causal_lm).__name__}): ε-DPO "
+            "mixes their logits and needs one architecture. Pass a reference of the policy's architecture."
+        )
+
+
+def _refuse_ref_adapter_with_head_wrapper(view: HeadView) -> None:
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if isinstance(view.module, AuxiliaryTrainingWrapper):
+        raise ValueError(
+            "A PEFT 'ref' adapter as the reference together with modules_to_save / trainable tokens on lm_head is not "
+            "supported: the fused head cannot tell which lm_head copy the 'ref' adapter uses. Pass ref_model instead."
         )

@@ -1,0 +1,225 @@
+"""What a causal LM's logits really are, read from the model: backbone, head weight and bias, logit transform.
+
+The fused head never calls ``lm_head``; it needs the model's own objective stated as ``transform(W h + b)`` with
+``h`` the backbone's last hidden state. :func:`describe_head` turns a causal LM — plain, PEFT-wrapped, or inside a
+DDP / DeepSpeed / FSDP wrapper (pass the unwrapped module) — into a :class:`HeadView`, or refuses with a message
+naming the model class and the field. What it covers:
+
+- the post-head transform by architecture (``model_type``): soft cap ``c·tanh(z/c)`` (Gemma-2/3/3n/4, VaultGemma,
+  NanoChat, RecurrentGemma), ``× logit_scale`` (Cohere family), ``÷ logits_scaling`` (Granite family, and
+  MiniCPM3, which divides the hidden state), ``× logits_scaling`` (HyperCLOVA X), ``× lm_head_multiplier``
+  (Falcon-H1). The same field name means opposite things in different families (Granite divides by
+  ``logits_scaling``, HyperCLOVA X multiplies), so an architecture not listed here that sets any such field is
+  refused rather than guessed;
+- PEFT ``modules_to_save`` on ``lm_head``: the policy reads the trained copy, the reference the original module;
+- PEFT trainable tokens on ``lm_head``: the policy reads the base weight with the trained rows merged in
+  (differentiable in the delta), the reference the base weight;
+- refused: prompt-learning adapters (virtual tokens are not in the hidden states read here), a LoRA adapter on
+  ``lm_head``, a quantized ``lm_head``, trainable tokens on a head with a bias (PEFT drops the bias itself).
+
+Anything this table does not know is caught at run time by the first-step check (``head_check.py``), which
+compares the fused head with the model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+
+from edpo_plugin.ops import LogitTransform
+
+# model_type -> transform, from each architecture's ``*ForCausalLM.forward`` in transformers 5.16.
+_SOFTCAP_FIELD = {
+    "gemma2": "final_logit_softcapping",
+    "gemma3": "final_logit_softcapping",
+    "gemma3_text": "final_logit_softcapping",
+    "gemma3n": "final_logit_softcapping",
+    "gemma3n_text": "final_logit_softcapping",
+    "gemma4": "final_logit_softcapping",
+    "gemma4_text": "final_logit_softcapping",
+    "vaultgemma": "final_logit_softcapping",
+    "nanochat": "final_logit_softcapping",
+    "recurrent_gemma": "logits_soft_cap",
+}
+_MULTIPLY_FIELD = {
+    "cohere": "logit_scale",
+    "cohere2": "logit_scale",
+    "cohere2_moe": "logit_scale",
+    "hyperclovax": "logits_scaling",
+    "falcon_h1": "lm_head_multiplier",
+}
+_DIVIDE_FIELD = {
+    "granite": "logits_scaling",
+    "granite_swa": "logits_scaling",
+    "granitemoe": "logits_scaling",
+    "granitemoe_swa": "logits_scaling",
+    "granitemoeshared": "logits_scaling",
+    "granitemoehybrid": "logits_scaling",
+    "minicpm3": "logits_scaling",  # divides the hidden state before a bias-free lm_head: the same logits
+}
+# Fields that, set on an architecture not in the tables above, mean its logits are probably not ``W h + b``.
+_TRANSFORM_FIELDS = (
+    "final_logit_softcapping",
+    "logits_soft_cap",
+    "logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "logit_multiplier",
+    "mup_width_multiplier",
+)
+_NEUTRAL = (None, 1, 1.0, False)
+
+WeightReader = Callable[[bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class HeadView:
+    """A causal LM's logits as ``transform(W h + b)``.
+
+    ``backbone(**batch).last_hidden_state`` is ``h`` (``[B, T, d]``); ``module`` is the output-embedding module
+    (``lm_head`` or the PEFT wrapper around it), whose forward the fused head runs as so that ZeRO-3 / FSDP gather
+    it; :meth:`weight_and_bias` reads ``W [V, d]`` and ``b [V]`` and must be called inside that forward.
+    """
+
+    causal_lm: torch.nn.Module
+    backbone: torch.nn.Module
+    module: torch.nn.Module
+    transform: LogitTransform
+    _read: WeightReader
+
+    def weight_and_bias(self, adapters: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W, b)`` as the model's forward uses them with its PEFT adapters active (the policy: trained
+        ``modules_to_save`` copy, merged trainable tokens) or, ``adapters=False``, disabled (PEFT's reference)."""
+        return self._read(adapters)
+
+
+def describe_head(model: torch.nn.Module) -> HeadView:
+    """:class:`HeadView` of an unwrapped causal LM (a ``PreTrainedModel`` or a ``PeftModel`` around one).
+
+    Raises ``ValueError`` naming the model class and the field or option for what cannot be described exactly.
+    """
+    causal_lm = _causal_lm(model)
+    name = type(causal_lm).__name__
+    module = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    if module is None:
+        raise ValueError(f"{name} has no output embeddings (lm_head): ε-DPO's head needs a causal LM head.")
+    transform = logit_transform(causal_lm.config, name)
+    read = _head_reader(module, name)
+    if transform.scale != 1.0 and _model_type(causal_lm.config) == "minicpm3" and read(True)[1] is not None:
+        raise ValueError(f"{name} divides the hidden state by logits_scaling before a biased lm_head: not supported.")
+    return HeadView(causal_lm=causal_lm, backbone=causal_lm.base_model, module=module, transform=transform, _read=read)
+
+
+def logit_transform(config: Any, model_class: str = "the model") -> LogitTransform:
+    """The post-head transform of a model with this ``config`` (its text config for multimodal wrappers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = _model_type(config)
+    known = {**_SOFTCAP_FIELD, **_MULTIPLY_FIELD, **_DIVIDE_FIELD}
+    if model_type not in known:
+        for field in _TRANSFORM_FIELDS:
+            value = getattr(text, field, None)
+            if value not in _NEUTRAL:
+                raise ValueError(
+                    f"{model_class} (model_type {model_type!r}) sets {field}={value!r}, so its logits are probably "
+                    f"not lm_head(h); ε-DPO's fused head does not know how this architecture uses {field} and "
+                    "refuses rather than train a different objective. Use a supported architecture or open an issue."
+                )
+        return LogitTransform()
+    if model_type in _SOFTCAP_FIELD:
+        cap = getattr(text, _SOFTCAP_FIELD[model_type], None)
+        transform = LogitTransform(softcap=None if cap is None else float(cap))
+    else:
+        field = _MULTIPLY_FIELD.get(model_type) or _DIVIDE_FIELD[model_type]
+        value = getattr(text, field, None)
+        if value is None:
+            return LogitTransform()
+        if float(value) == 0.0:
+            raise ValueError(f"{model_class} sets {field}=0, which leaves no logits: fix the model config.")
+        transform = LogitTransform(scale=float(value) if model_type in _MULTIPLY_FIELD else 1.0 / float(value))
+    transform.check()
+    return transform
+
+
+def _model_type(config: Any) -> str:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", None) or getattr(config, "model_type", "")
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside ``model``; refuses PEFT adapters whose effect the head cannot see."""
+    if not is_peft_model(model):
+        return model
+    config = model.active_peft_config
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"PEFT {config.peft_type} (prompt learning) adds virtual tokens outside the model's hidden states, which "
+            "ε-DPO's fused head reads directly: use LoRA / QLoRA (or full fine-tuning) instead."
+        )
+    return model.base_model.model
+
+
+def _head_reader(module: torch.nn.Module, model_class: str) -> WeightReader:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    if isinstance(module, BaseTunerLayer):
+        raise ValueError(
+            f"A PEFT adapter ({type(module).__name__}) on {model_class}'s lm_head is not supported by ε-DPO's fused "
+            "head. Remove 'lm_head' from lora_target_modules / target_modules; to train the head, list it in "
+            "modules_to_save (lora_modules_to_save in Axolotl) instead."
+        )
+    if isinstance(module, ModulesToSaveWrapper):
+        original = _plain_linear(module.original_module, model_class)
+
+        def read_saved(adapters: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not adapters or module.disable_adapters or not module.active_adapters:
+                return original.weight, original.bias
+            trained = _plain_linear(module.modules_to_save[module.active_adapters[0]], model_class)
+            return trained.weight, trained.bias
+
+        return read_saved
+    if isinstance(module, TrainableTokensWrapper):
+        layer = module.token_adapter
+        base = _plain_linear(layer.base_layer, model_class)
+        if base.bias is not None:
+            raise ValueError(
+                f"PEFT trainable tokens on {model_class}'s biased lm_head: PEFT's own forward drops the bias there, so "
+                "there is no single objective to reproduce. Train the head with modules_to_save instead."
+            )
+
+        def read_tokens(adapters: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not adapters or layer.disable_adapters or not layer.active_adapters or layer.merged:
+                return base.weight, None
+            return layer.get_merged_weights(layer.active_adapters), None
+
+        return read_tokens
+    linear = _plain_linear(module, model_class)
+    return lambda adapters: (linear.weight, linear.bias)
+
+
+def _plain_linear(module: torch.nn.Module, model_class: str) -> torch.nn.Module:
+    """``module`` itself (or the module an FSDP1 wrapper holds) if it is a plain, unquantized linear head."""
+    inner = getattr(module, "_fsdp_wrapped_module", module)
+    weight = getattr(inner, "weight", None)
+    quantized = weight is not None and (
+        not (weight.is_floating_point() or _is_meta_sharded(weight)) or type(weight).__name__ in ("Params4bit",)
+    )
+    if weight is None or quantized or type(inner).__name__ in ("Linear4bit", "Linear8bitLt"):
+        raise ValueError(
+            f"{model_class}'s lm_head is a {type(inner).__name__}"
+            + (f" with a {weight.dtype} weight" if weight is not None else " without a weight")
+            + ": ε-DPO's fused head needs a floating-point linear head. Keep lm_head unquantized (bitsandbytes "
+            "skips it by default; do not add it to the quantized modules)."
+        )
+    return module
+
+
+def _is_meta_sharded(weight: torch.Tensor) -> bool:
+    """A ZeRO-3-partitioned parameter is an empty float tensor until gathered; its dtype still tells."""
+    return hasattr(weight, "ds_numel")
