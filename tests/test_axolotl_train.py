@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from spec_reference import beta_trajectory64
 
@@ -53,6 +54,12 @@ def test_axolotl_train_tiny(tiny_default, tmp_path, example, overrides, weights)
     quantization = json.loads((out / "config.json").read_text()).get("quantization_config", {})
     four_bit = quantization.get("load_in_4bit", quantization.get("_load_in_4bit", False))  # key differs by version
     assert four_bit == overrides.get("load_in_4bit", False), quantization
+
+    # ε-DPO's options are declared training-args fields (the plugin's mixin), so they are in args.to_dict()
+    args = torch.load(out / f"checkpoint-{STEPS}" / "training_args.bin", weights_only=False)
+    saved = args.to_dict()
+    assert (saved["epsilon"], saved["edpo_head"], saved["edpo_head_check"]) == (cfg["edpo_epsilon"], cfg["edpo_head"],
+                                                                                 True)  # fmt: skip
 
     history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
     train = [h for h in history if "loss" in h]

@@ -46,7 +46,7 @@ class OwnForward(NamedTuple):
 
     logprobs: torch.Tensor  # float64 [1, L-1]: log_softmax(logits)[labels]
     hidden: torch.Tensor  # [1, L-1, d]: the input of the output-embedding module, as the model fed it
-    logits_dtype: torch.dtype
+    logits_dtype: torch.dtype  # the precision the logits were computed in
     max_logit: float  # largest |logit|
 
 
@@ -73,7 +73,14 @@ def own_forward_logprobs(
         )
     shifted = logits[:, :-1]
     logprobs = shifted.double().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return OwnForward(logprobs, captured[0][:, :-1], logits.dtype, float(shifted.abs().max()))
+    # Logits may be upcast after a bf16 matmul (accelerate returns fp32 outputs under autocast): their precision is
+    # that of the least precise of their dtype, the autocast dtype and the head's input.
+    candidates = [logits.dtype, captured[0].dtype]
+    device = logits.device.type
+    if torch.is_autocast_enabled(device):
+        candidates.append(torch.get_autocast_dtype(device))
+    dtype = max(candidates, key=lambda d: torch.finfo(d).eps)
+    return OwnForward(logprobs, captured[0][:, :-1], dtype, float(shifted.abs().max()))
 
 
 def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str) -> float:

@@ -1,0 +1,306 @@
+"""The trainer optimises the model's own objective: TRL's DPOTrainer on the same batch as the yardstick (soft-capped,
+scaled and PEFT-wrapped heads), the first-step check, doubled BOS, mixed precision, the moving β."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from datasets import load_dataset
+from spec_reference import decisions64, loss64
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
+from edpo_plugin.trainer.head_check import HeadMismatchError
+
+TINY_EPS = 1e-8  # β_i = β(1 ± 1e-8): ε-DPO's loss is DPO's to far below fp32 rounding
+
+
+def _args(cls, out, **overrides):
+    kwargs = dict(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, report_to="none",
+        save_strategy="no", beta=0.1, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        max_length=64, bf16=False, logging_steps=1,
+    )  # fmt: skip
+    if cls is EpsilonDPOConfig:
+        kwargs.update(epsilon=TINY_EPS, edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def _tiny_config(tok, **overrides) -> dict:
+    vocab = -(-len(tok) // 8) * 8
+    base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    base.update(overrides)
+    return base
+
+
+def _gemma2(tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(**_tiny_config(tok, head_dim=8, final_logit_softcapping=10.0)))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(60.0)  # Gemma's norm scales by (1 + w): pre-cap logits of magnitude ~20-60
+    return model
+
+
+def _cohere(tok):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(CohereConfig(**_tiny_config(tok, logit_scale=0.0625)))
+
+
+def _granite(tok):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return GraniteForCausalLM(GraniteConfig(**_tiny_config(tok, logits_scaling=8.0)))
+
+
+def _llama(tok):
+    return LlamaForCausalLM(LlamaConfig(**_tiny_config(tok, tie_word_embeddings=False)))
+
+
+def _lora_saved_head():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+
+
+def _perturb(model, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "norm" not in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = {
+    "gemma2-softcap": (_gemma2, None),
+    "cohere-logit_scale": (_cohere, None),
+    "granite-logits_scaling": (_granite, None),
+    "llama-lora-modules_to_save": (_llama, _lora_saved_head),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_gradients_equal_trl_dpo(tiny_default, tmp_path, case):
+    """ε → 0 makes ε-DPO's loss DPO's: our fused head must then give TRL's DPOTrainer loss and every gradient,
+    TRL computing log-probs from the models' own logits (soft cap, scale, the saved lm_head copy under PEFT)."""
+    build, peft = CASES[case]
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(8))
+    torch.manual_seed(0)
+    base = build(tok)
+    ref = None if peft else copy.deepcopy(base)
+    if not peft:
+        _perturb(base, scale=0.3)  # the policy away from the reference: margins and decisions not all 0
+
+    def make(trainer_cls, args_cls, model, ref_model):
+        return trainer_cls(model=model, ref_model=ref_model, args=_args(args_cls, tmp_path / args_cls.__name__),
+                           train_dataset=data, processing_class=tok, peft_config=peft() if peft else None)  # fmt: skip
+
+    ours = make(EpsilonDPOTrainer, EpsilonDPOConfig, copy.deepcopy(base), copy.deepcopy(ref) if ref else None)
+    trl = make(DPOTrainer, DPOConfig, copy.deepcopy(base), copy.deepcopy(ref) if ref else None)
+    if peft:  # both get the same adapter and the same perturbed saved head: policy ≠ reference
+        trl.model.load_state_dict(ours.model.state_dict())
+        for trainer in (ours, trl):
+            _perturb(trainer.model)
+        head = ours.model.base_model.model.lm_head
+        assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
+
+    batch = next(iter(ours.get_train_dataloader()))
+    losses = {}
+    for name, trainer in (("ours", ours), ("trl", trl)):
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses[name] = loss.item()
+    assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
+    assert abs(losses["trl"] - 0.6931) > 1e-4, "policy equal to reference proves nothing"
+    ours_grads, trl_grads = _grads(ours.model), _grads(trl.model)
+    assert ours_grads.keys() == trl_grads.keys() and ours_grads
+    for name, want in trl_grads.items():
+        rel = ((ours_grads[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+class _ScaledLogitsLlama(LlamaForCausalLM):
+    """An architecture nobody described: its forward halves the logits."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def _edpo_trainer(tiny, out, model, **overrides):
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny["train"]), split="train").select(range(8))
+    args = _args(EpsilonDPOConfig, out, **overrides)
+    return EpsilonDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                             processing_class=tok)  # fmt: skip
+
+
+def test_first_step_check_stops_an_undescribed_logit_transform(tiny_default, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    model = _ScaledLogitsLlama(LlamaConfig(**_tiny_config(tok)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits large enough that halving them changes log-probs by nats
+    trainer = _edpo_trainer(tiny_default, tmp_path / "checked", copy.deepcopy(model), epsilon=0.1)
+    with pytest.raises(HeadMismatchError, match=r"_ScaledLogitsLlama \(policy\).*differ from the model's own"):
+        trainer.train()
+    # documented way out: the check off, and training runs (on the objective the head describes)
+    unchecked = _edpo_trainer(tiny_default, tmp_path / "unchecked", model, epsilon=0.1, edpo_head_check=False)
+    unchecked.train()
+    assert unchecked.state.global_step == 2
+
+
+def test_first_step_check_passes_on_a_described_model(tiny_default, tmp_path, caplog):
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    trainer = _edpo_trainer(tiny_default, tmp_path, _gemma2(tok), epsilon=0.1)
+    with caplog.at_level(logging.INFO, logger="edpo_plugin.trainer.trainer"):
+        trainer.train()
+    checks = [r.getMessage() for r in caplog.records if "head check" in r.getMessage()]
+    assert len(checks) == 2 and "(policy)" in checks[0] and "(reference)" in checks[1], checks
+
+
+def test_doubled_bos_is_dropped(tiny_default, tmp_path, caplog):
+    """A prompt that already starts with BOS (a template that writes it) is tokenized to [bos, bos, …]: the
+    trainer drops the duplicate, so the loss is the one of the same data without the written BOS."""
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(4))
+    doubled = data.map(lambda row: {"prompt": tok.bos_token + row["prompt"]})
+    torch.manual_seed(0)
+    model = _llama(tok)
+    _perturb(model)
+    ref = copy.deepcopy(model)
+    losses = []
+    for name, ds in (("plain", data), ("doubled", doubled)):
+        trainer = EpsilonDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(ref),
+                                    args=_args(EpsilonDPOConfig, tmp_path / name, epsilon=0.1), train_dataset=ds,
+                                    processing_class=tok)  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["input_ids"][:, 1] == tok.bos_token_id).all() == (name == "doubled")
+        with caplog.at_level(logging.WARNING, logger="edpo_plugin.trainer.trainer"):
+            losses.append(trainer.compute_loss(trainer.model, batch).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert sum("doubled BOS" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bf16_mixed_precision_runs_the_backbone_in_bf16(tiny_default, tmp_path):
+    """bf16=True with fp32 weights: the backbone's projections run in bf16 under the accelerator's autocast, as in
+    TRL's DPO (the head itself stays fp32)."""
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    trainer = _edpo_trainer(tiny_default, tmp_path, _llama(tok), bf16=True)
+    seen = []
+    hook = trainer.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.train()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+def test_loss_uses_the_moving_beta(tiny_default, tmp_path):
+    """After β has moved, the loss is taken at the controller's β, not at args.beta."""
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    model = _llama(tok)
+    trainer = _edpo_trainer(tiny_default, tmp_path, model, epsilon=0.2)
+    _perturb(trainer.model, scale=0.2)
+    moved = 0.37
+    trainer.beta_controller.beta = moved
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch).item()
+
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:].bool()
+    with torch.no_grad():
+        z = trainer.model.double()(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        zr = trainer.ref_model.double()(input_ids=ids, attention_mask=attn).logits[:, :-1]
+
+    def seq(logits):
+        return (logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask).sum(-1).chunk(2)
+
+    (pc, pr), (rc, rr) = seq(z), seq(zr)
+    (plc, plr), (mic, mir) = seq(1.2 * z - 0.2 * zr), seq(0.8 * z + 0.2 * zr)
+    s = decisions64(pc, pr, plc, plr, mic, mir)
+    want = loss64(pc, pr, rc, rr, s, moved, 0.2).mean().item()
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert abs(want - loss64(pc, pr, rc, rr, s, 0.1, 0.2).mean().item()) > 1e-3  # args.beta would be detected
+
+
+def test_evaluation_between_steps_does_not_feed_beta(tiny_default, tmp_path):
+    """Evaluating after every step leaves β's trajectory exactly as without evaluation."""
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    eval_data = load_dataset("json", data_files=str(tiny_default["eval"]), split="train").select(range(8))
+    runs = {}
+    for name, extra in (("plain", {}), ("eval", {"eval_strategy": "steps", "eval_steps": 1})):
+        torch.manual_seed(0)
+        model = _llama(tok)
+        _perturb(model, scale=0.1)
+        trainer = EpsilonDPOTrainer(model=model, ref_model=_llama_copy_unperturbed(tok),
+                                    args=_args(EpsilonDPOConfig, tmp_path / name, epsilon=0.2, max_steps=3, **extra),
+                                    train_dataset=load_dataset("json", data_files=str(tiny_default["train"]),
+                                                               split="train").select(range(12)),
+                                    eval_dataset=eval_data, processing_class=tok)  # fmt: skip
+        trainer.train()
+        runs[name] = [h["kl/beta"] for h in trainer.state.log_history if "kl/beta" in h and "loss" in h]
+        runs[name].append(trainer.beta_controller.beta)
+        if name == "eval":
+            evals = [h for h in trainer.state.log_history if "eval_kl/avg_steps" in h]
+            assert len(evals) == 3 and any(h["eval_kl/avg_steps"] != 0 for h in evals)
+    assert runs["eval"] == runs["plain"]
+    assert runs["plain"][-1] != 0.1
+
+
+def _llama_copy_unperturbed(tok):
+    torch.manual_seed(0)
+    return _llama(tok)
+
+
+def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_path):
+    """Axolotl's `chat_template.default` DPO strategy with a template that writes `bos_token` (Llama-3-Instruct
+    style) yields prompts TRL 1.9 tokenizes to [bos, bos, …]; the trainer's batch loss equals the one of the same
+    rows rendered without the written BOS (where the tokenizer adds the only one)."""
+    from axolotl.prompt_strategies.dpo.chat_template import default as chat_template_default
+    from datasets import Dataset
+    from make_tiny_default import CHATML_TEMPLATE  # scripts/ is on sys.path (tiny_default fixture)
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    rows = [
+        {"messages": [{"role": "user", "content": q}], "chosen": {"role": "assistant", "content": a},
+         "rejected": {"role": "assistant", "content": b}}
+        for q, a, b in [("hello", "yes", "no"), ("eight", "nine", "one"), ("one", "two", "eight"), ("no", "yes", "no")]
+    ]  # fmt: skip
+
+    def render(template: str) -> Dataset:
+        dataset_cfg = {"type": "chat_template.default", "chat_template": "jinja", "chat_template_jinja": template}
+        transform, _ = chat_template_default({"datasets": [dataset_cfg]})
+        return Dataset.from_list([transform(row, tokenizer=tok) for row in rows])
+
+    torch.manual_seed(0)
+    model = _llama(tok)
+    _perturb(model)
+    losses, firsts = [], []
+    for name, template in (("plain", CHATML_TEMPLATE), ("bos", "{{ bos_token }}" + CHATML_TEMPLATE)):
+        trainer = EpsilonDPOTrainer(model=copy.deepcopy(model), ref_model=_llama_copy_unperturbed(tok),
+                                    args=_args(EpsilonDPOConfig, tmp_path / name, epsilon=0.1),
+                                    train_dataset=render(template), processing_class=tok)  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        firsts.append(batch["input_ids"][:, :2].tolist())
+        losses.append(trainer.compute_loss(trainer.model, batch).item())
+    assert all(row == [tok.bos_token_id, tok.bos_token_id] for row in firsts[1]), "the strategy no longer doubles BOS"
+    assert all(row[1] != tok.bos_token_id for row in firsts[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
