@@ -47,6 +47,8 @@ CASES = {
         vocab=41, entry="explicit", trainable=True, shared=False, bias=True, split=(29, 12), transform=(0.7, 5.0)
     ),
     "explicit_uneven_frozen_shared": dict(vocab=41, entry="explicit", trainable=False, shared=True, split=(10, 31)),
+    "dtensor_trainable_bf16": dict(vocab=40, entry="dtensor", trainable=True, shared=False, bias=True, dtype="bf16"),
+    "dtensor_frozen_shared_bf16": dict(vocab=40, entry="dtensor", trainable=False, shared=True, dtype="bf16"),
 }
 D, LEAD = 16, (2, 7)
 
@@ -64,6 +66,8 @@ def _full_tensors(cfg: dict, seed: int) -> dict:
     if cfg.get("bias"):
         t["b"] = torch.randn(vocab, generator=g)
         t["br"] = t["b"] if cfg["shared"] else torch.randn(vocab, generator=g)
+    if cfg.get("dtype") == "bf16":
+        t = {k: v.to(torch.bfloat16) if k != "coef" else v for k, v in t.items()}
     labels = torch.randint(0, vocab, LEAD, generator=g)
     half = (vocab + 1) // 2  # torch.chunk's first shard
     mode = cfg.get("labels", "random")
@@ -164,6 +168,17 @@ def _bad_offsets_message(rank: int) -> str:
     return ""
 
 
+def _plain_reference_message(world: int) -> str:
+    """A DTensor policy head with a whole (plain) reference head: refused, naming ref_weight."""
+    t = _full_tensors(dict(vocab=40, shared=False), seed=98)
+    w = distribute_tensor(t["w"], init_device_mesh("cpu", (world,)), [Shard(0)])
+    try:
+        linear_logprobs(t["h"], w, t["labels"], ref_hidden=t["hr"], ref_weight=t["wr"], epsilon=EPS)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -174,6 +189,7 @@ def main(out_dir: str) -> None:
         results[name]["labels"] = t["labels"]
         results[name]["vocab"] = cfg["vocab"]
     results["bad_offsets_message"] = _bad_offsets_message(rank)
+    results["plain_reference_message"] = _plain_reference_message(world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
