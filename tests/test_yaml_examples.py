@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "yaml_examples"
 MODELS = {"llama3-8b-instruct": "llama", "mistral-7b-instruct-v0.2": "mistral"}
 VARIANTS = ("lora", "qlora", "full-zero3", "full-fsdp")
-GPUS = {"lora": 1, "qlora": 1, "full-zero3": 8, "full-fsdp": 8}
+GPUS = {"lora": 1, "qlora": 1, "full-zero3": 8, "full-fsdp": 8, "full-tp": 8}
 DECODER_LAYER = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer"}
-EXAMPLE_NAMES = [f"{m}-edpo-{v}" for m in MODELS for v in VARIANTS]
+EXAMPLE_NAMES = [f"{m}-edpo-{v}" for m in MODELS for v in VARIANTS] + ["llama3-8b-instruct-edpo-full-tp"]
 TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
 
 # A row shaped like princeton-nlp/{llama3,mistral-instruct}-ultrafeedback (the examples' datasets).
@@ -42,6 +42,7 @@ BAD_CONFIGS = [
     ("precompute_ref", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ("liger_dpo", {"dpo_use_liger_kernel": True}, "dpo_use_liger_kernel"),
     ("padding_free", {"dpo_padding_free": True}, "dpo_padding_free"),
+    ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size=2 is not supported by rl: edpo"),
     ("no_plugin", {"plugins": None}, "rl"),
 ]
 
@@ -115,7 +116,8 @@ def test_example_validates_with_paper_settings(validated, name):
     assert (cfg["rl_beta"], cfg["edpo_epsilon"], cfg["edpo_head"]) == (0.01, 0.01, "auto")
     assert cfg["model_config_type"] == arch
     # paper: 1 epoch, global batch 128, cosine, warm-up 0.1, no weight decay, 2048 tokens; bf16, FA2, checkpointing
-    assert cfg["batch_size"] == 128 == cfg["micro_batch_size"] * cfg["gradient_accumulation_steps"] * GPUS[variant]
+    replicas = GPUS[variant] // (cfg["tensor_parallel_size"] or 1)  # data-parallel replicas
+    assert cfg["batch_size"] == 128 == cfg["micro_batch_size"] * cfg["gradient_accumulation_steps"] * replicas
     assert (cfg["num_epochs"], cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["weight_decay"]) == (1, "cosine", 0.1, 0)
     assert cfg["sequence_len"] == 2048
     assert (cfg["bf16"], cfg["attn_implementation"], cfg["gradient_checkpointing"]) == (True, "flash_attention_2", True)
@@ -128,7 +130,12 @@ def test_example_validates_with_paper_settings(validated, name):
         assert cfg["adapter"] == variant
         assert bool(cfg["load_in_4bit"]) == (variant == "qlora")
     assert cfg["deepspeed_stage"] == (3 if variant == "full-zero3" else None)
-    if variant == "full-fsdp":
+    if variant == "full-tp":  # TP 2 × FSDP2 4 on 8 GPUs; the plain AdamW (DTensor and plain parameters mixed)
+        assert (cfg["tensor_parallel_size"], cfg["dp_shard_size"], cfg["optimizer"]) == (2, 4, "adamw_torch")
+        assert 128256 % cfg["tensor_parallel_size"] == 0  # Llama-3's vocabulary splits evenly (colwise_gather_output)
+    else:
+        assert cfg["tensor_parallel_size"] == 1
+    if variant in ("full-fsdp", "full-tp"):
         assert cfg["fsdp_version"] == 2
         layer = cfg["fsdp_config"]["transformer_layer_cls_to_wrap"]
         assert layer == DECODER_LAYER[arch]

@@ -70,6 +70,13 @@ class EDPOArgs(BaseModel):
                 "dpo_use_liger_kernel selects TRL's Liger DPO loss; rl: edpo has its own fused head. Remove "
                 "dpo_use_liger_kernel and pick the head with edpo_head."
             )
+        context_parallel = data.get("context_parallel_size") or data.get("sequence_parallel_degree") or 1
+        if int(context_parallel) > 1:
+            raise ValueError(
+                f"context_parallel_size={context_parallel} is not supported by rl: edpo: Axolotl does not wire context "
+                "parallelism into its DPO pipeline, and the fused head needs each sequence whole. Remove "
+                "context_parallel_size (tensor_parallel_size and dp_shard_size are supported)."
+            )
         if data.get("dpo_padding_free"):
             raise ValueError("dpo_padding_free is not supported by rl: edpo (TRL 1.9 disables it too): remove it.")
         return data

@@ -20,10 +20,19 @@ import torch
 from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, chunked_linear_logprobs
 from edpo_plugin.ops.naive import naive_linear_logprobs
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
+from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
-__all__ = ["IMPLS", "LinearLogprobs", "LogitTransform", "linear_logprobs", "resolve_impl", "triton_available"]
+__all__ = [
+    "IMPLS",
+    "LinearLogprobs",
+    "LogitTransform",
+    "linear_logprobs",
+    "resolve_impl",
+    "triton_available",
+    "vocab_parallel_linear_logprobs",
+]
 
 
 class LinearLogprobs(NamedTuple):
@@ -77,7 +86,8 @@ def linear_logprobs(
 
     Args:
         hidden: policy last hidden states ``[..., d]`` (fp32, bf16 or fp16), position ``t`` predicting ``labels[t]``.
-        weight: policy ``lm_head`` weight ``[V, d]``.
+        weight: policy ``lm_head`` weight ``[V, d]``. A ``Shard(0)`` DTensor (a tensor-parallel head) routes to the
+            vocab-parallel form in ``vocab_parallel.py``; ``ref_weight`` is then ``weight`` or sharded the same way.
         labels: target token ids ``[...]`` (int64), same leading shape as ``hidden``.
         ref_hidden: reference hidden states, same shape as ``hidden`` (treated as constant).
         ref_weight: reference ``lm_head`` weight ``[V, d]`` (may be ``weight`` itself, e.g. PEFT's frozen head).
@@ -95,6 +105,12 @@ def linear_logprobs(
         whatever the input dtype and the caller's autocast state.
     """
     _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias)
+    if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
+        return dtensor_linear_logprobs(
+            hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=epsilon, bias=bias,
+            ref_bias=ref_bias, ignore_index=ignore_index, transform=transform, impl=impl, token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk,
+        )  # fmt: skip
     transform = IDENTITY if transform is None else LogitTransform(*transform)
     transform.check()
     lead_shape = labels.shape

@@ -206,7 +206,7 @@ def _lse_sweep(
     hr: torch.Tensor,
     wr: torch.Tensor,
     br: torch.Tensor | None,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     epsilon: float,
     transform: LogitTransform,
     token_chunk: int,
@@ -215,7 +215,8 @@ def _lse_sweep(
     keep_direction: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Row statistics ``(max, log Σ)``, each fp32 ``[4, M]``, of the four streams and, if asked, the policy's
-    ``d log p / dh = J_y W[y] − Σ_v softmax(z)_v J_v W_v`` as fp32 ``[M, d]``."""
+    ``d log p / dh = J_y W[y] − Σ_v softmax(z)_v J_v W_v`` as fp32 ``[M, d]`` (without the ``J_y W[y]`` term when
+    ``y`` is None: a vocabulary shard adds the rows it owns itself)."""
     n_valid, d = h.shape
     vocab = w.shape[0]
     row_max = torch.empty(4, n_valid, dtype=torch.float32, device=h.device)
@@ -264,7 +265,10 @@ def _lse_sweep(
         row_logsum[:, m0:m1] = run_sum.log()
         if direction is not None:
             expect.div_(run_sum[0].unsqueeze(1))
-            direction[m0:m1] = _target_term(h[m0:m1], w, b, y[m0:m1], transform) - expect
+            if y is None:
+                torch.neg(expect, out=direction[m0:m1])
+            else:
+                direction[m0:m1] = _target_term(h[m0:m1], w, b, y[m0:m1], transform) - expect
             if not capped:
                 direction[m0:m1].mul_(transform.scale)
     return row_max, row_logsum, direction

@@ -29,6 +29,12 @@ from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
 from edpo_plugin.trainer.model_head import HeadView, describe_head
+from edpo_plugin.trainer.tensor_parallel import (
+    clip_grad_norm_mixed_,
+    explain_accelerate_refusal,
+    mark_tensor_parallel,
+    refuse_fused_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,12 @@ class EpsilonDPOTrainer(DPOTrainer):
         validate_edpo_args(training_args)
         for position, name in ((4, "train_dataset"), (5, "eval_dataset")):
             _check_preference_columns(kwargs.get(name, args[position] if len(args) > position else None), name)
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        self._tensor_parallel = isinstance(model, torch.nn.Module) and mark_tensor_parallel(model)
+        try:
+            super().__init__(*args, **kwargs)
+        except ValueError as err:
+            raise (explain_accelerate_refusal(err) or err) from err
         if self.aux_loss_enabled:
             raise ValueError(
                 "ε-DPO does not add the MoE router auxiliary loss: set router_aux_loss_coef=0.0 for this model."
@@ -272,6 +283,22 @@ class EpsilonDPOTrainer(DPOTrainer):
             worst = compare_with_model(own, got, what)
             logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
         return True
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self._tensor_parallel and not self.is_fsdp_enabled:  # FSDP2 + TP: every parameter becomes a DTensor
+            refuse_fused_optimizer(optimizer)
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        if self._tensor_parallel and not _is_fsdp2(model):  # DTensor and plain parameters side by side
+            return clip_grad_norm_mixed_(model.parameters(), self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self._tensor_parallel and not _is_fsdp2(model):
+            grad_norm = clip_grad_norm_mixed_(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
