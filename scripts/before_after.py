@@ -73,7 +73,10 @@ def main() -> None:
     p.add_argument("--heldout", type=Path, default=REPO / ".data" / "hh-harmless" / "heldout.jsonl")
     p.add_argument("-n", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (token-by-token decoding of a 135M model "
+                   "gains little from more, and loses a lot to spinning threads on a busy machine)")  # fmt: skip
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if not (args.adapter / "adapter_config.json").is_file():
         raise SystemExit(f"{args.adapter}: no adapter_config.json (not a LoRA output_dir of `axolotl train`)")
     rows = before_after(args.adapter, pick_prompts(args.heldout, args.n), args.max_new_tokens)
