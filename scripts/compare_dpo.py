@@ -45,15 +45,16 @@ BASE_YAML = REPO / "yaml_examples" / "smollm2-135m-edpo-lora.yaml"
 LORA_KEYS = ("adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules")
 EDPO_KEYS = ("plugins", "edpo_epsilon", "edpo_head", "edpo_head_token_chunk", "edpo_head_vocab_chunk")
 
-PAPER_HH = """The paper's Anthropic-HH protocol (Lee et al. 2025, §5; not run by this project: it needs a GPU):
-  model        gemma-2-2b after SFT on HH chosen responses (pass it as --base-model; SmolLM2 is the CPU stand-in)
-  data         Anthropic HH (helpful + harmless), full train split; held-out: its test split
-  β            {0.01, 0.05, 0.1, 0.5}, one DPO and one ε-DPO run each (ε = 0.01)
-  optimiser    lr 1e-6, 1 epoch, the same seed and data order for both methods
-  evaluation   KL(π ‖ π_ref) on held-out prompts against preference accuracy / win rate: each β gives one point
-               per method, and the claim is that ε-DPO's points lie on a better KL-vs-performance frontier.
-With --run this script trains that sweep (full fine-tuning, bf16, sequence_len 1024) and evaluates each run as
-in the CPU default; expect hours on one GPU."""
+PAPER_HH = """The paper's Anthropic-HH protocol (Lee et al. 2025), for a GPU; not run by this project.
+  model        gemma-2-2b after SFT (pass it with --base-model; SmolLM2-135M-Instruct is only the CPU stand-in)
+  data         Anthropic HH: point --config at a YAML whose dataset is the HH train split (this repository embeds
+               only the harmless-base test split); held-out pairs as in the CPU default
+  β            {0.01, 0.05, 0.1, 0.5}, one DPO and one ε-DPO run each, ε = 0.01
+  optimiser    lr 1e-6, 1 epoch, full fine-tuning, the same seed and data order for both methods
+  evaluation   for every run, KL(π‖π_ref) on held-out prompts and held-out preference accuracy: each β gives one point
+               per method, and the two methods' points trace a KL-vs-accuracy frontier each.
+With --run this script trains that sweep (bf16, sequence_len 1024, micro-batch 8 x accumulation 8) and evaluates
+each run as in the CPU default; expect hours on one GPU."""
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -67,7 +68,13 @@ def make_config(base: dict, *, rl: str, beta: float, out: Path, overrides: dict)
     if rl == "dpo":
         cfg = {k: v for k, v in cfg.items() if k not in EDPO_KEYS}
     cfg.update(overrides)
-    cfg.update(rl=rl, rl_beta=beta, output_dir=str(out), save_strategy="steps", save_steps=cfg["max_steps"])
+    cfg.update(rl=rl, rl_beta=beta, output_dir=str(out))
+    if cfg.get("max_steps"):
+        cfg.update(save_strategy="steps", save_steps=cfg["max_steps"])
+    else:
+        cfg.pop("max_steps", None)
+        cfg.pop("save_steps", None)
+        cfg["save_strategy"] = "epoch"
     return cfg
 
 
@@ -244,7 +251,7 @@ def main() -> None:
             return
         betas, overrides = [0.01, 0.05, 0.1, 0.5], {"learning_rate": 1e-6, "num_epochs": 1, "bf16": True,
                                                      "sequence_len": 1024, "edpo_epsilon": 0.01}  # fmt: skip
-        overrides |= {"max_steps": -1, "micro_batch_size": 8, "gradient_accumulation_steps": 8}
+        overrides |= {"max_steps": None, "micro_batch_size": 8, "gradient_accumulation_steps": 8}
     else:
         betas, overrides = [args.beta], {"learning_rate": args.lr, "max_steps": args.steps, "lr_scheduler": "constant",
                                          "micro_batch_size": args.micro_batch,
