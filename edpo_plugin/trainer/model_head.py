@@ -168,6 +168,12 @@ def _head_reader(module: torch.nn.Module, model_class: str) -> WeightReader:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
+    if isinstance(module, BaseTunerLayer) and type(module).__name__ == "TrainableTokensLayer":
+        raise ValueError(
+            f"A standalone PEFT TrainableTokensConfig adapter on {model_class}'s output embeddings is not supported by "
+            "ε-DPO's fused head. Use LoraConfig(trainable_token_indices=...) instead (supported), or train the head "
+            "with modules_to_save."
+        )
     if isinstance(module, BaseTunerLayer):
         raise ValueError(
             f"A PEFT adapter ({type(module).__name__}) on {model_class}'s lm_head is not supported by ε-DPO's fused "
@@ -194,7 +200,15 @@ def _head_reader(module: torch.nn.Module, model_class: str) -> WeightReader:
             )
 
         def read_tokens(adapters: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if not adapters or layer.disable_adapters or not layer.active_adapters or layer.merged:
+            if layer.merged:  # the trained rows live in base.weight; the reference needs the original rows back
+                if adapters and not layer.disable_adapters:
+                    return base.weight, None
+                weight = base.weight
+                for name in layer.merged_adapters:
+                    index = torch.tensor(layer.token_indices[name], device=weight.device)
+                    weight = weight.index_copy(0, index, layer.trainable_tokens_original[name].to(weight))
+                return weight, None
+            if not adapters or layer.disable_adapters or not layer.active_adapters:
                 return base.weight, None
             return layer.get_merged_weights(layer.active_adapters), None
 
