@@ -8,17 +8,19 @@ forward: 1 matmul-equivalent over all chunks) and writes
     G[m, v] = g_m · (1[v = y_m] − exp((z − max_m) − log Σ_m)) · s·(1 − tanh²)      ([M, C], the input dtype)
 
 Then ``grad_W[chunk] = Gᵀ H`` is one ``torch.mm`` on the input dtype (cuBLAS tensor cores with fp32 accumulation on
-bf16/fp16; an fp32 GEMM only for fp32 inputs): 1 matmul-equivalent, each weight row finished and written once, no
-atomics and no fp32 ``[V, d]`` buffer. ``grad_b[chunk] = Σ_m G`` (fp32 column sums per token block, then summed).
+bf16/fp16; an fp32 GEMM only for fp32 inputs): each weight row finished and written once, no atomics and no fp32
+``[V, d]`` buffer. On bf16/fp16 ``G`` is written as two input-dtype terms (hi, and the rounding error lo) and the
+GEMM is ``[G_hi; G_lo]ᵀ [H; H]``: rounding ``G`` once, as Liger's and cut-cross-entropy's backward do, measured
+4.0e-3 relative error on a bf16 case of tests/test_ops_parity.py (over the 2⁻⁸ bound the fp32 chunked path meets);
+the second term costs one more matmul-equivalent. ``grad_b[chunk] = Σ_m G`` (fp32 column sums per token block,
+then summed, from the unrounded ``G``).
 The hidden gradient needs no backward pass at all: it is ``g ⊙ direction`` from the forward kernel
 (:mod:`edpo_plugin.ops.triton_head_forward`).
-A trainable head therefore costs 5 matmul-equivalents: 3 in the forward, 2 here.
+A trainable head therefore costs 5 matmul-equivalents on fp32 inputs (3 in the forward, 2 here); on bf16/fp16 the
+two-term dots make it 7 in tensor-core work (4 in the forward, 3 here), none of them an fp32 GEMM.
 
-Memory: ``G`` is ``M × C`` in the input dtype, ``C`` chosen so it stays under ``EDPO_TRITON_WORKSPACE_MIB``
-(default 256 MiB). Rounding ``G`` to bf16 before the GEMM is what Liger's and cut-cross-entropy's backward do; it
-roughly doubles the weight gradient's error against the fp32 chunked path (measured ≈3.5e-3 vs 1.7e-3 relative on
-bf16 inputs, both under 2⁻⁸). The bias gradient is summed in fp32 inside the kernel, per token block, from the
-unrounded ``G``.
+Memory: ``G`` is ``M × C`` (``2M × C`` two-term) in the input dtype, plus ``[H; H]``; ``C`` is chosen so ``G`` stays
+under ``EDPO_TRITON_WORKSPACE_MIB`` (default 256 MiB).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _logit_grad_kernel(
     stride_bsum,
     HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    TWO_TERM: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
@@ -66,7 +69,8 @@ def _logit_grad_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """``out[m, v − col0] = dL/du[m, v]`` for ``v`` in ``[col0, col0 + n_cols)``, ``u = H Wᵀ + b`` (pre-transform),
-    in ``out``'s dtype; with ``BIAS_GRAD`` also ``bsum[row block, v − col0] = Σ_rows dL/du`` in fp32."""
+    in ``out``'s dtype (with ``TWO_TERM`` as hi in rows ``[0, M)`` plus lo in rows ``[M, 2M)``); with ``BIAS_GRAD``
+    also ``bsum[row block, v − col0] = Σ_rows dL/du`` in fp32."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,7 +105,11 @@ def _logit_grad_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     if BIAS_GRAD:  # this row block's column sums, fp32, before any rounding
         tl.store(bsum_ptr + pid_m * stride_bsum + local, tl.sum(tl.where(mask, grad, 0.0), axis=0), mask=col_ok)
-    tl.store(out_ptr + rows[:, None] * stride_out + local[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
+    hi = grad.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_out + local[None, :], hi, mask=mask)
+    if TWO_TERM:  # the rounding error as a second input-dtype term, in rows [n_rows, 2·n_rows)
+        lo = (grad - hi.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + (n_rows + rows[:, None]) * stride_out + local[None, :], lo, mask=mask)
 
 
 def _chunk_columns(n_rows: int, vocab: int, elt: int, block_v: int) -> int:
@@ -137,8 +145,11 @@ def triton_head_param_grads(
     w = weight.detach().contiguous()
     b = None if bias is None else bias.detach()
     blk = blocks_for("logit_grad", common, dev)
-    cols = _chunk_columns(n_rows, vocab, h.element_size(), blk.block_v)
-    buf = torch.empty(n_rows, cols, dtype=common, device=dev)
+    two_term = common != torch.float32
+    cols = _chunk_columns((2 if two_term else 1) * n_rows, vocab, h.element_size(), blk.block_v)
+    # [G_hi; G_lo] against [H; H]: one GEMM, fp32 accumulation, one rounding of each weight-gradient entry
+    buf = torch.empty((2 if two_term else 1) * n_rows, cols, dtype=common, device=dev)
+    h_stack = torch.cat((h, h)) if two_term else h
     row_blocks = triton.cdiv(n_rows, blk.block_m)
     bsum = torch.empty(row_blocks, cols, dtype=torch.float32, device=dev) if want_bias else buf
     y32, g32 = y.to(torch.int32).contiguous(), g.float().contiguous()
@@ -149,16 +160,16 @@ def triton_head_param_grads(
         _logit_grad_kernel[(row_blocks, triton.cdiv(width, blk.block_v))](
             h, w, b if b is not None else h, y32, g32, row_max, row_logsum, buf, bsum, n_rows, vocab, dim, col0,
             width, float(transform.scale), float(transform.softcap or 1.0), h.stride(0), w.stride(0), buf.stride(0),
-            bsum.stride(0), HAS_BIAS=b is not None, BIAS_GRAD=want_bias, HAS_SCALE=transform.scale != 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
+            bsum.stride(0), HAS_BIAS=b is not None, BIAS_GRAD=want_bias, TWO_TERM=two_term,
+            HAS_SCALE=transform.scale != 1.0, HAS_SOFTCAP=transform.softcap is not None,
             IEEE=ieee, UPCAST=interpreting() and not ieee,
             BLOCK_M=blk.block_m, BLOCK_V=blk.block_v, BLOCK_D=blk.block_d,
             num_warps=blk.num_warps, num_stages=blk.num_stages,
         )  # fmt: skip
         grad_chunk = buf[:, :width]
         if grad_w is not None:
-            # [width, M] @ [M, d] on the input dtype: tensor cores with fp32 accumulation, one rounding per entry
-            grad_w[col0 : col0 + width] = torch.mm(grad_chunk.t(), h).to(grad_w.dtype)
+            # [width, 2M] @ [2M, d] on the input dtype: tensor cores with fp32 accumulation, one rounding per entry
+            grad_w[col0 : col0 + width] = torch.mm(grad_chunk.t(), h_stack).to(grad_w.dtype)
         if grad_b is not None:
             grad_b[col0 : col0 + width] = bsum[:, :width].sum(0).to(grad_b.dtype)
     return grad_w, grad_b

@@ -12,7 +12,11 @@ tiles. Per tile, for rows ``H [BLOCK_M, d]`` and columns ``W [BLOCK_V, d]``:
 4. With ``WITH_DIRECTION``: ``A ← A·exp(m_old − m_new) + (P ⊙ J) W`` where ``P = exp(z_θ − m_new)`` and ``J`` the
    soft cap's slope ``1 − tanh²`` (1 without a cap). ``A [BLOCK_M, d]`` does not fit in registers for d = 4096, so
    it lives in a global fp32 workspace ``[splits, M, d]`` and is read-modified-written in ``BLOCK_D`` chunks
-   (memory-efficient attention's large-head-dim scheme): 1 more matmul-equivalent, 3 in all.
+   (memory-efficient attention's large-head-dim scheme): 1 more matmul-equivalent, 3 in all. On bf16/fp16 inputs
+   ``P ⊙ J`` enters the tensor-core dot as two input-dtype terms (hi + lo, ~2⁻¹⁶ relative) instead of one rounded
+   term: FlashAttention's single rounding of P costs 2⁻⁹ per weight, which over a small vocabulary does not average
+   out and pushed the bf16 hidden gradient past the 2⁻⁸ parity bound. The second dot doubles this step's
+   tensor-core work, not its memory traffic (the read-modify-write below dominates).
 
 Then :func:`_direction_epilogue_kernel` merges the splits' ``A`` with their policy statistics and adds the target
 term: ``direction = s·(J_y W[y] − Σ_s e^{m_s − m} A_s / Σ_s e^{m_s − m} l_s)`` (``s`` the scale), written over split
@@ -22,8 +26,8 @@ Workspace: ``splits × M × d`` fp32 (split 0 is the returned direction), splits
 (default 256 MiB beyond the direction). HBM traffic of the read-modify-write: ``8·M·d·⌈V/BLOCK_V⌉`` bytes,
 which is what a GPU run has to weigh against the saved fp32 GEMM (docs/benchmarks.md).
 
-Precision: see :mod:`edpo_plugin.ops.triton_common` (bf16/fp16: tensor-core dots, fp32 accumulation, P rounded to
-the input dtype before its dot; fp32: IEEE dots).
+Precision: see :mod:`edpo_plugin.ops.triton_common` (bf16/fp16: tensor-core dots, fp32 accumulation, P as a
+hi + lo pair of input-dtype values; fp32: IEEE dots).
 """
 
 from __future__ import annotations
@@ -163,7 +167,10 @@ def _head_forward_kernel(
         if WITH_DIRECTION:
             if HAS_SOFTCAP:
                 p = p * (1.0 - th * th)
-            pw = p.to(w_ptr.dtype.element_ty)
+            # P as an unevaluated sum of two input-dtype values: tensor-core dots that keep P to ~2⁻¹⁶ relative
+            p_hi = p.to(w_ptr.dtype.element_ty)
+            if not IEEE:
+                p_lo = (p - p_hi.to(tl.float32)).to(w_ptr.dtype.element_ty)
             for k0 in range(0, dim, BLOCK_D):
                 ks = k0 + tl.arange(0, BLOCK_D)
                 k_ok = ks < dim
@@ -172,7 +179,9 @@ def _head_forward_kernel(
                 a_ptrs = acc_base + rows[:, None] * dim + ks[None, :]
                 amask = row_ok[:, None] & k_ok[None, :]
                 a = tl.load(a_ptrs, mask=amask, other=0.0)
-                a = dot(pw, w, a * alpha[:, None], IEEE, UPCAST)
+                a = dot(p_hi, w, a * alpha[:, None], IEEE, UPCAST)
+                if not IEEE:
+                    a = dot(p_lo, w, a, IEEE, UPCAST)
                 tl.store(a_ptrs, a, mask=amask)
 
     # statistics layout [4, n_splits, n_rows]
