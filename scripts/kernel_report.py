@@ -138,18 +138,26 @@ def _tool(name: str) -> str:
 def compile_variant(v: Variant, arch: int, blocks=None) -> dict:
     """Compile ``v`` for ``sm_{arch}`` and return its resource facts (see module docstring)."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
 
     from edpo_plugin.ops.triton_common import default_blocks
 
     if blocks is None:
         blocks = default_blocks(v.kind, torch.bfloat16 if v.dtype == "bf16" else torch.float32, arch // 10)
     kernel, args, const = _kernel_and_args(v, blocks)
+    row = compile_kernel(kernel, args, const, arch, blocks.num_warps, blocks.num_stages)
+    row.update(variant=v.label, dtype=v.dtype, block_m=blocks.block_m, block_v=blocks.block_v, block_d=blocks.block_d)
+    return row
+
+
+def compile_kernel(kernel, args: dict, const: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+    """AOT-compile one Triton ``kernel`` (a ``JITFunction``) with its launch specialisation; resource facts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     signature, constexprs, attrs = _specialise(kernel, args, const)
     src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
     cc = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})  # fmt: skip
+                        options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
     ptx = cc.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx_path = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
@@ -159,13 +167,13 @@ def compile_variant(v: Variant, arch: int, blocks=None) -> dict:
             f.write(ptx)
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True, check=True)
         target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-        # the flags Triton's own make_cubin passes
-        ptxas = _tool("ptxas" if arch < 90 else "ptxas-blackwell")  # Triton's get_ptxas: sm_90+ uses the newer one
+        # the flags Triton's own make_cubin passes, with the ptxas Triton picks for the architecture
+        ptxas = _tool("ptxas" if arch < 90 else "ptxas-blackwell")
         cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={target}", ptx_path, "-o",
                os.path.join(tmp, "o.cubin")]  # fmt: skip
         pv = subprocess.run(cmd, capture_output=True, text=True)
         if pv.returncode != 0:
-            raise RuntimeError(f"ptxas failed on {v.label} for {target}:\n{pv.stderr[-2000:]}")
+            raise RuntimeError(f"ptxas failed on {kernel.__name__} for {target}:\n{pv.stderr[-2000:]}")
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res.stdout))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", pv.stderr + pv.stdout)
     regs = int(usage["REG"])
@@ -177,21 +185,15 @@ def compile_variant(v: Variant, arch: int, blocks=None) -> dict:
     else:
         mma = "fma"
     lim = ARCH[arch]
-    warps = blocks.num_warps
     regs_per_warp = -(-regs * 32 // 256) * 256
-    by_regs = lim["regs"] // (regs_per_warp * warps)
+    by_regs = lim["regs"] // (regs_per_warp * num_warps)
     by_smem = lim["smem_sm"] // (shared + 1024) if shared else 32
-    blocks_per_sm = min(by_regs, by_smem, lim["warps"] // warps, 32)
+    blocks_per_sm = min(by_regs, by_smem, lim["warps"] // num_warps, 32)
     return {
         "kernel": kernel.__name__,
-        "variant": v.label,
-        "dtype": v.dtype,
         "arch": f"sm_{arch}",
-        "block_m": blocks.block_m,
-        "block_v": blocks.block_v,
-        "block_d": blocks.block_d,
-        "num_warps": warps,
-        "num_stages": blocks.num_stages,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
         "registers": regs,
         "spill_store_bytes": int(spills.group(1)),
         "spill_load_bytes": int(spills.group(2)),
@@ -202,8 +204,55 @@ def compile_variant(v: Variant, arch: int, blocks=None) -> dict:
         "cp_async": "cp.async" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "blocks_per_sm": blocks_per_sm,
-        "occupancy_warps": f"{blocks_per_sm * warps}/{lim['warps']}",
+        "occupancy_warps": f"{blocks_per_sm * num_warps}/{lim['warps']}",
     }
+
+
+def _unwrap(kernel):
+    """The ``JITFunction`` under ``triton.heuristics`` / ``triton.autotune`` wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def cce_rows(arch: int) -> list[dict]:
+    """Apple cut-cross-entropy 25.1.1's forward (LSE) and backward kernels, compiled the same way: bf16, the same
+    bench shape, their non-autotuned default configs (``CCE_AUTOTUNE=0``), no softcap, no valid-row filter; the
+    backward with gradient filtering on and ``dC`` requested (a trainable classifier)."""
+    from cut_cross_entropy import cce_backward, cce_lse_forward
+
+    n, d, vocab = BENCH["n_rows"], BENCH["dim"], BENCH["vocab"]
+    fwd = _unwrap(cce_lse_forward._cce_lse_forward_kernel)
+    fwd_args = {"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "Locks": "*i32", "B": ("i32", n), "V": ("i32", vocab),
+                "D": ("i32", d), "stride_eb": ("i32", d), "stride_ed": ("i32", 1), "stride_cv": ("i32", d),
+                "stride_cd": ("i32", 1), "stride_lse_b": ("i32", 1), "stride_vb": ("i32", 1),
+                "num_locks": ("i32", 64), "B_BIN": ("i32", 1024)}  # fmt: skip
+    fwd_const = {"LA": None, "Valids": None, "softcap": None, "HAS_VALIDS": False, "BLOCK_B": 256, "BLOCK_V": 128,
+                 "BLOCK_D": 32, "GROUP_B": 8, "EVEN_D": True, "HAS_SOFTCAP": False, "HAS_LA": False,
+                 "DOT_PRECISION": "ieee"}  # fmt: skip
+    bwd = _unwrap(cce_backward._cce_backward_kernel)
+    bwd_args = {"E": "*bf16", "C": "*bf16", "LSE": "*fp32", "dOut": "*fp32", "grad_scale": "fp32",
+                "Targets": "*i64", "dE": "*bf16", "dELocks": "*i32", "dC": "*bf16", "dCLocks": "*i32",
+                "B": ("i32", n), "D": ("i32", d), "V": ("i32", vocab), "n_de_locks_0": ("i32", 256),
+                "n_de_locks_1": ("i32", 32), "n_dc_locks_0": ("i32", 4008), "n_dc_locks_1": ("i32", 32),
+                "stride_eb": ("i32", d), "stride_ed": ("i32", 1), "stride_cv": ("i32", d), "stride_cd": ("i32", 1),
+                "stride_vb": ("i32", 1), "filter_eps": "fp32", "B_BIN": ("i32", 1024)}  # fmt: skip
+    bwd_const = {"Valids": None, "VocabOrdering": None, "softcap": None, "BLOCK_B": 128, "BLOCK_V": 128,
+                 "BLOCK_D": 32, "MM_BACK_BLOCK_D": 64, "GROUP_B": 8, "EVEN_D": True, "MM_BACK_EVEN_D": True,
+                 "ITEM_DO": False, "HAS_VALIDS": False, "HAS_VOCAB_ORDERING": False, "FILTER_GRAD": True,
+                 "HAS_TARGETS": True, "HAS_SOFTCAP": False, "SHIFT": False, "REQUIRES_GRAD": True}  # fmt: skip
+    rows = []
+    for kernel, args, const, warps, stages, label in (
+        (fwd, fwd_args, fwd_const, 8, 3, "cut-cross-entropy forward (LSE), default config"),
+        (bwd, bwd_args, bwd_const, 4, 4, "cut-cross-entropy backward (dE, dC, filtered), default config"),
+    ):
+        row = compile_kernel(kernel, args, const, arch, warps, stages)
+        row.update(variant=label, dtype="bf16", block_m=const["BLOCK_B"], block_v=const["BLOCK_V"],
+                   block_d=const["BLOCK_D"])  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def _compile_job(job: tuple[Variant, int]) -> dict:
@@ -227,10 +276,15 @@ def main() -> None:
     p.add_argument("--only", choices=["all", "defaults"], default="all")
     p.add_argument("--json", default=None)
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--cce", default=None, help="directory holding the cut_cross_entropy package: compile it too")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
-    rows = report(args.only == "defaults", tuple(int(a) for a in args.archs.split(",")), args.jobs)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    rows = report(args.only == "defaults", archs, args.jobs)
+    if args.cce:
+        sys.path.insert(0, args.cce)
+        rows += [r for arch in archs for r in cce_rows(arch)]
     head = f"{'arch':<6}{'dtype':<5}{'blocks M/V/D w s':<18}{'regs':>5}{'spill':>6}{'stack':>6}{'smem KiB':>9}"
     print(head + f"{'mma':>9}{'cp.async':>9}{'occup':>7}  kernel / variant")
     for r in rows:
