@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--liger", action="store_true", help="also time TRL/Liger's LigerFusedLinearDPOLoss")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-suite", action="store_true", help="the full GPU run of issue 10 (see the docstring)")
+    p.add_argument("--triton-blocks", default="", help="extra Triton rows with EDPO_TRITON_BLOCKS=M,V,D; ';'-separated")
     p.add_argument("--json", default="bench_head.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -169,25 +170,30 @@ def main() -> None:
     if args.gpu_suite:
         args.device, args.dtype, args.tokens, args.dim, args.vocab = "cuda", "bf16", 8192, 4096, 128256
         args.impls, args.heads, args.liger, args.repeats = "naive,chunked,triton", "frozen,trainable", True, 5
+        # the direction's read-modify-write traffic falls with BLOCK_V (docs/benchmarks.md): try wider tiles too
+        args.triton_blocks = args.triton_blocks or "64,128,32;128,128,32"
     extra = {}
     if args.device.startswith("cuda"):
         extra["bf16_matmul_tflops"] = bf16_matmul_tflops(args.tokens, args.dim)
         if "triton" in args.impls.split(","):
             extra["triton_self_check_passed"] = triton_self_check(args.dtype)
 
-    impls = args.impls.split(",") + (["liger"] if args.liger else [])
+    impls = [(i, None) for i in args.impls.split(",")] + ([("liger", None)] if args.liger else [])
+    impls += [("triton", b) for b in args.triton_blocks.split(";") if b]
     rows = []
     for head in args.heads.split(","):
-        for impl in impls:
+        for impl, blocks in impls:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--head", head, "--device", args.device,
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim", str(args.dim),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, **({"EDPO_TRITON_BLOCKS": blocks} if blocks else {}))
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            name = impl if blocks is None else f"triton[{blocks}]"
             if done.returncode != 0:  # keep going: one failing variant must not lose the others' numbers
                 print(done.stderr[-3000:], file=sys.stderr)
-                rows.append({"impl": impl, "head": head, "error": done.stderr[-3000:]})
+                rows.append({"impl": name, "head": head, "error": done.stderr[-3000:]})
                 continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "impl": name})
     failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
 
@@ -200,14 +206,14 @@ def main() -> None:
             r["fraction_of_bf16_matmul_rate"] = r["tflops"] / extra["bf16_matmul_tflops"]
 
     header = (
-        f"{'head':<10}{'impl':<9}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
+        f"{'head':<10}{'impl':<24}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
     )
     print(f"shape: N={args.tokens} d={args.dim} V={args.vocab} {args.dtype} on {args.device}")
     print(header)
     for r in rows:
         mem_ratio = f"{r['memory_vs_naive']:.3f}" if r["memory_vs_naive"] is not None else "-"
         time_ratio = f"{r['time_vs_naive']:.2f}" if r["time_vs_naive"] is not None else "-"
-        print(f"{r['head']:<10}{r['impl']:<9}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
+        print(f"{r['head']:<10}{r['impl']:<24}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
               f"{r['time_s']:>9.3f}{time_ratio:>11}{r['tflops']:>9.3f}")  # fmt: skip
 
     meta = {
