@@ -19,11 +19,12 @@ Backward (gradient of the policy stream only; the rest are constants), with ``J 
 
 ``use_triton=True`` replaces the forward sweep by one Triton kernel (:mod:`edpo_plugin.ops.triton_head_forward`)
 that returns the statistics, the target logits and, when the hidden state needs a gradient, the direction above
-(frozen or trainable head): 3 matmul-equivalents on tensor cores for bf16/fp16 inputs. With a frozen head nothing
-reads ``W`` in backward, which is what a ZeRO-3-sharded head needs. With a trainable head, backward runs
+(frozen or trainable head): 3 matmul-equivalents, on tensor cores for bf16/fp16 inputs (4 in tensor-core work
+there: the direction's softmax weights enter as a hi + lo pair). With a frozen head nothing reads ``W`` in
+backward, which is what a ZeRO-3-sharded head needs. With a trainable head, backward runs
 :mod:`edpo_plugin.ops.triton_head_backward` (a Triton recompute of the logit gradient from the kernel's own
-statistics, then ``Gᵀ H`` on the input dtype): 5 matmul-equivalents in all, none of them an fp32 GEMM on
-bf16/fp16 inputs.
+statistics, then ``Gᵀ H`` on the input dtype): 5 matmul-equivalents in all (7 in tensor-core work on bf16/fp16),
+none of them an fp32 GEMM on bf16/fp16 inputs.
 
 Autocast is disabled inside forward and backward. The PyTorch sweeps here (``use_triton=False``) still upcast every
 tile to fp32 and run fp32 GEMMs whatever the input dtype: the portable fallback, exact but slow on a GPU.
