@@ -20,7 +20,7 @@ A trainable head therefore costs 5 matmul-equivalents on fp32 inputs (3 in the f
 two-term dots make it 7 in tensor-core work (4 in the forward, 3 here), none of them an fp32 GEMM.
 
 Memory: ``G`` is ``M × C`` (``2M × C`` two-term) in the input dtype, plus ``[H; H]``; ``C`` is chosen so ``G`` stays
-under ``EDPO_TRITON_WORKSPACE_MIB`` (default 256 MiB).
+under ``EDPO_TRITON_WORKSPACE_MIB`` (default 128 MiB).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _logit_grad_kernel(
 
 
 def _chunk_columns(n_rows: int, vocab: int, elt: int, block_v: int) -> int:
-    budget = int(os.environ.get("EDPO_TRITON_WORKSPACE_MIB", "256")) * 2**20
+    budget = int(os.environ.get("EDPO_TRITON_WORKSPACE_MIB", "128")) * 2**20
     cols = max(block_v, budget // max(1, n_rows * elt) // block_v * block_v)
     return min(cols, triton.cdiv(vocab, block_v) * block_v)
 

@@ -23,7 +23,7 @@ term: ``direction = s·(J_y W[y] − Σ_s e^{m_s − m} A_s / Σ_s e^{m_s − m}
 0's workspace, fp32 ``[M, d]``. The four streams' statistics are merged in PyTorch (``[4, splits, M]``, tiny).
 
 Workspace: ``splits × M × d`` fp32 (split 0 is the returned direction), splits capped by ``EDPO_TRITON_WORKSPACE_MIB``
-(default 256 MiB beyond the direction). HBM traffic of the read-modify-write: ``8·M·d·⌈V/BLOCK_V⌉`` bytes,
+(default 128 MiB beyond the direction). HBM traffic of the read-modify-write: ``8·M·d·⌈V/BLOCK_V⌉`` bytes,
 which is what a GPU run has to weigh against the saved fp32 GEMM (docs/benchmarks.md).
 
 Precision: see :mod:`edpo_plugin.ops.triton_common` (bf16/fp16: tensor-core dots, fp32 accumulation, P as a
@@ -260,7 +260,7 @@ class HeadForward(NamedTuple):
 
 
 def _workspace_cap(n_rows: int, dim: int) -> int:
-    budget = int(os.environ.get("EDPO_TRITON_WORKSPACE_MIB", "256")) * 2**20
+    budget = int(os.environ.get("EDPO_TRITON_WORKSPACE_MIB", "128")) * 2**20
     return 1 + budget // max(1, n_rows * dim * 4)
 
 
