@@ -43,7 +43,7 @@ class Variant:
 
     label: str
     kind: str
-    dtype: str  # "bf16" or "fp32"
+    dtype: str  # "bf16", "fp16" or "fp32"
     flags: dict = field(default_factory=dict)
     default: bool = False  # part of the subset tests/test_kernel_report.py compiles
 
@@ -65,6 +65,14 @@ def variants() -> list[Variant]:
             Variant("backward: logit gradient, soft cap, bias", "logit_grad", dt,
                     {"HAS_BIAS": True, "BIAS_GRAD": True, "HAS_SCALE": True, "HAS_SOFTCAP": True}, default=lp),
         ]  # fmt: skip
+    out += [
+        Variant("forward: no-grad (eval), shared W, targets only", "stats", "bf16",
+                {"SHARED_WEIGHT": True, "WITH_TARGETS": True, "WITH_DIRECTION": False}),
+        Variant("forward: frozen head (LoRA), shared W, + direction", "direction", "fp16",
+                {"SHARED_WEIGHT": True, "WITH_TARGETS": True, "WITH_DIRECTION": True}),
+        Variant("backward: logit gradient, soft cap, bias", "logit_grad", "fp16",
+                {"HAS_BIAS": True, "BIAS_GRAD": True, "HAS_SCALE": True, "HAS_SOFTCAP": True}),
+    ]  # fmt: skip
     return out
 
 
@@ -73,9 +81,9 @@ def _kernel_and_args(v: Variant, blocks) -> tuple[object, dict, dict]:
     from edpo_plugin.ops import triton_head_backward as bwd
     from edpo_plugin.ops import triton_head_forward as fwd
 
-    t = "*bf16" if v.dtype == "bf16" else "*fp32"
+    t = "*" + v.dtype
     n, d, vocab = BENCH["n_rows"], BENCH["dim"], BENCH["vocab"]
-    lp = v.dtype == "bf16"
+    lp = v.dtype != "fp32"
     if v.kind in ("stats", "direction"):
         kernel = fwd._head_forward_kernel
         args = {"h_ptr": t, "w_ptr": t, "b_ptr": t, "hr_ptr": t, "wr_ptr": t, "br_ptr": t, "y_ptr": "*i32",
@@ -142,7 +150,7 @@ def compile_variant(v: Variant, arch: int, blocks=None) -> dict:
     from edpo_plugin.ops.triton_common import default_blocks
 
     if blocks is None:
-        blocks = default_blocks(v.kind, torch.bfloat16 if v.dtype == "bf16" else torch.float32, arch // 10)
+        blocks = default_blocks(v.kind, torch.float32 if v.dtype == "fp32" else torch.bfloat16, arch // 10)
     kernel, args, const = _kernel_and_args(v, blocks)
     row = compile_kernel(kernel, args, const, arch, blocks.num_warps, blocks.num_stages)
     row.update(variant=v.label, dtype=v.dtype, block_m=blocks.block_m, block_v=blocks.block_v, block_d=blocks.block_d)
@@ -270,14 +278,36 @@ def report(only_defaults: bool, archs: tuple[int, ...], jobs: int = 1) -> list[d
         return list(pool.map(_compile_job, todo))
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the Markdown table of docs/benchmarks.md."""
+    out = [
+        "| arch | dtype | blocks M/V/D, warps, stages | regs | spill B | stack B | smem KiB | MMA | cp.async | warps/SM "
+        "| kernel: variant |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['arch']} | {r['dtype']} | {r['block_m']}/{r['block_v']}/{r['block_d']}, {r['num_warps']}, "
+            f"{r['num_stages']} | {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.1f} | {r['mma']} | {'yes' if r['cp_async'] else 'no'} | "
+            f"{r['occupancy_warps']} | `{r['kernel']}`: {r['variant']} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="80,90")
     p.add_argument("--only", choices=["all", "defaults"], default="all")
     p.add_argument("--json", default=None)
     p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--markdown", default=None, help="print the table of this JSON report as Markdown and exit")
     p.add_argument("--cce", default=None, help="directory holding the cut_cross_entropy package: compile it too")
     args = p.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
     archs = tuple(int(a) for a in args.archs.split(","))
