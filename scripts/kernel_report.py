@@ -281,8 +281,8 @@ def report(only_defaults: bool, archs: tuple[int, ...], jobs: int = 1) -> list[d
 def markdown_table(rows: list[dict]) -> str:
     """The rows as the Markdown table of docs/benchmarks.md."""
     out = [
-        "| arch | dtype | blocks M/V/D, warps, stages | regs | spill B | stack B | smem KiB | MMA | cp.async | warps/SM "
-        "| kernel: variant |",
+        "| arch | dtype | blocks M/V/D, warps, stages | regs | spill B | stack B | smem KiB | MMA | cp.async "
+        "| warps/SM | kernel: variant |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in rows:
