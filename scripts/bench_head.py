@@ -9,7 +9,8 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
     python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # everything issue 10 asks for
 
-``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, naive/chunked/triton and Liger's
+``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, naive/chunked/triton (default blocks, two wider-tile
+settings and the two-pass direction) and Liger's
 ``LigerFusedLinearDPOLoss``, frozen and trainable heads, plus the measured bf16 GEMM rate of this GPU (a
 ``[N, d] × [d, 16384]`` matmul) that each row's TFLOP/s is compared with, and the Triton self-check's verdict.
 TFLOP/s counts the useful matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for
@@ -171,7 +172,7 @@ def main() -> None:
         args.device, args.dtype, args.tokens, args.dim, args.vocab = "cuda", "bf16", 8192, 4096, 128256
         args.impls, args.heads, args.liger, args.repeats = "naive,chunked,triton", "frozen,trainable", True, 5
         # the direction's read-modify-write traffic falls with BLOCK_V (docs/benchmarks.md): try wider tiles too
-        args.triton_blocks = args.triton_blocks or "64,128,32;128,128,32"
+        args.triton_blocks = args.triton_blocks or "32,128,32;64,128,32"
     extra = {}
     if args.device.startswith("cuda"):
         extra["bf16_matmul_tflops"] = bf16_matmul_tflops(args.tokens, args.dim)
@@ -180,13 +181,19 @@ def main() -> None:
 
     impls = [(i, None) for i in args.impls.split(",")] + ([("liger", None)] if args.liger else [])
     impls += [("triton", b) for b in args.triton_blocks.split(";") if b]
+    if args.gpu_suite:
+        impls.append(("triton", "two_pass"))  # the two-kernel direction (EDPO_TRITON_DIRECTION=two_pass)
     rows = []
     for head in args.heads.split(","):
         for impl, blocks in impls:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--head", head, "--device", args.device,
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim", str(args.dim),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
-            env = dict(os.environ, **({"EDPO_TRITON_BLOCKS": blocks} if blocks else {}))
+            env = dict(os.environ)
+            if blocks == "two_pass":
+                env["EDPO_TRITON_DIRECTION"] = "two_pass"
+            elif blocks:
+                env["EDPO_TRITON_BLOCKS"] = blocks
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             name = impl if blocks is None else f"triton[{blocks}]"
             if done.returncode != 0:  # keep going: one failing variant must not lose the others' numbers

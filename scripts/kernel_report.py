@@ -60,6 +60,8 @@ def variants() -> list[Variant]:
             Variant("forward: trainable head, unshared, soft cap, bias, + direction", "direction", dt,
                     {"SHARED_WEIGHT": False, "WITH_TARGETS": True, "WITH_DIRECTION": True, "HAS_SOFTCAP": True,
                      "HAS_SCALE": True, "HAS_BIAS": True, "HAS_REF_BIAS": True}, default=lp),
+            Variant("two-pass direction (EDPO_TRITON_DIRECTION=two_pass), soft cap, bias", "direction2", dt,
+                    {"HAS_BIAS": True, "HAS_SCALE": True, "HAS_SOFTCAP": True}, default=lp),
             Variant("direction epilogue (merge splits, target term), soft cap", "epilogue", dt, {"HAS_SOFTCAP": True},
                     default=lp),
             Variant("backward: logit gradient, soft cap, bias", "logit_grad", dt,
@@ -79,6 +81,7 @@ def variants() -> list[Variant]:
 def _kernel_and_args(v: Variant, blocks) -> tuple[object, dict, dict]:
     """(kernel, signature, constexprs) for variant ``v`` with :class:`Blocks` ``blocks``."""
     from edpo_plugin.ops import triton_head_backward as bwd
+    from edpo_plugin.ops import triton_head_direction as drn
     from edpo_plugin.ops import triton_head_forward as fwd
 
     t = "*" + v.dtype
@@ -97,12 +100,20 @@ def _kernel_and_args(v: Variant, blocks) -> tuple[object, dict, dict]:
                  "HAS_SOFTCAP": False, "WITH_TARGETS": False, "WITH_DIRECTION": False, "IEEE": not lp,
                  "UPCAST": False}  # fmt: skip
         const.update(BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, BLOCK_D=blocks.block_d)
+    elif v.kind == "direction2":
+        kernel = drn._direction_kernel
+        args = {"h_ptr": t, "w_ptr": t, "b_ptr": t, "max_ptr": "*fp32", "logsum_ptr": "*fp32", "acc_ptr": "*fp32",
+                "n_rows": ("i32", n), "vocab": ("i32", vocab), "dim": ("i32", d), "cols_per_split": ("i32", 43008),
+                "split_stride": ("i32", n * d), "scale": "fp32", "softcap": "fp32", "stride_h": ("i32", d),
+                "stride_w": ("i32", d)}  # fmt: skip
+        const = {"HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False, "IEEE": not lp, "UPCAST": False,
+                 "BLOCK_M": blocks.block_m, "BLOCK_V": blocks.block_v, "BLOCK_D": blocks.block_d}  # fmt: skip
     elif v.kind == "epilogue":
         kernel = fwd._direction_epilogue_kernel
         args = {"acc_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "tgt_ptr": "*fp32", "y_ptr": "*i32",
                 "w_ptr": t, "n_rows": ("i32", n), "dim": ("i32", d), "n_splits": ("i32", 3),
                 "split_stride": ("i32", n * d), "scale": "fp32", "softcap": "fp32", "stride_w": ("i32", d)}  # fmt: skip
-        const = {"HAS_SOFTCAP": False, "BLOCK_M": blocks.block_m, "BLOCK_D": blocks.block_d}
+        const = {"HAS_SOFTCAP": False, "NORMALISED": False, "BLOCK_M": blocks.block_m, "BLOCK_D": blocks.block_d}
     else:
         kernel = bwd._logit_grad_kernel
         args = {"h_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": "*i32", "g_ptr": "*fp32", "max_ptr": "*fp32",

@@ -30,10 +30,10 @@ def rows(tmp_path_factory):
 
 
 def test_every_default_kernel_compiles_for_both_architectures(rows):
-    kernels = {"_head_forward_kernel", "_direction_epilogue_kernel", "_logit_grad_kernel"}
+    kernels = {"_head_forward_kernel", "_direction_kernel", "_direction_epilogue_kernel", "_logit_grad_kernel"}
     for arch in ("sm_80", "sm_90"):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == kernels
-    assert len(rows) == 10  # 5 bf16 variants × 2 architectures
+    assert len(rows) == 12  # 6 bf16 variants × 2 architectures
 
 
 def test_no_spills_and_shared_memory_fits(rows):

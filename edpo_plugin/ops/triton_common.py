@@ -65,6 +65,10 @@ _DEFAULTS: dict[tuple[str, str, int], Blocks] = {
     ("direction", "lp", 8): Blocks(32, 128, 32, 8, 3),
     ("direction", "fp32", 9): Blocks(64, 64, 32, 8, 2),
     ("direction", "fp32", 8): Blocks(64, 64, 32, 8, 2),
+    ("direction2", "lp", 9): Blocks(64, 256, 32, 8, 3),
+    ("direction2", "lp", 8): Blocks(64, 256, 32, 8, 3),
+    ("direction2", "fp32", 9): Blocks(64, 64, 32, 8, 2),
+    ("direction2", "fp32", 8): Blocks(64, 64, 32, 8, 2),
     ("epilogue", "lp", 9): Blocks(32, 0, 128, 4, 1),
     ("epilogue", "lp", 8): Blocks(32, 0, 128, 4, 1),
     ("epilogue", "fp32", 9): Blocks(32, 0, 128, 4, 1),
@@ -74,7 +78,7 @@ _DEFAULTS: dict[tuple[str, str, int], Blocks] = {
     ("logit_grad", "fp32", 9): Blocks(64, 64, 32, 4, 2),
     ("logit_grad", "fp32", 8): Blocks(64, 64, 32, 4, 2),
 }
-KERNEL_KINDS = ("stats", "direction", "epilogue", "logit_grad")
+KERNEL_KINDS = ("stats", "direction", "direction2", "epilogue", "logit_grad")
 # Under the interpreter the cost is per program and per loop iteration: few, large blocks.
 _INTERPRETER = Blocks(64, 256, 64, 4, 1)
 

@@ -217,34 +217,42 @@ def _direction_epilogue_kernel(
     softcap,
     stride_w,
     HAS_SOFTCAP: tl.constexpr,
+    NORMALISED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """``acc[0] ← s·(J_y W[y] − Σ_s e^{m_s−m} acc[s] / Σ_s e^{m_s−m} l_s)`` for a (row block × feature block) tile;
-    ``max/sum`` are the policy plane ``[splits, M]``, ``acc [splits, M, dim]`` fp32. Elementwise, no matmul."""
+    ``max/sum`` are the policy plane ``[splits, M]``, ``acc [splits, M, dim]`` fp32. With ``NORMALISED`` (the
+    two-pass direction) the splits' ``acc`` are already divided by the final sum: ``acc[0] ← s·(J_y W[y] − Σ_s
+    acc[s])`` and ``max/sum`` are not read. Elementwise, no matmul."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     ks = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (ks < dim)[None, :]
-    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, n_splits):
-        top = tl.maximum(top, tl.load(max_ptr + s * n_rows + rows, mask=row_ok, other=0.0))
-    total = tl.zeros([BLOCK_M], tl.float32)
     expect = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs = rows[:, None] * dim + ks[None, :]
-    for s in range(0, n_splits):
-        c = tl.exp(tl.load(max_ptr + s * n_rows + rows, mask=row_ok, other=0.0) - top)
-        total += c * tl.load(sum_ptr + s * n_rows + rows, mask=row_ok, other=1.0)
-        part = tl.load(acc_ptr + s * split_stride + offs, mask=mask, other=0.0)
-        expect += c[:, None] * part
+    if NORMALISED:
+        for s in range(0, n_splits):
+            expect += tl.load(acc_ptr + s * split_stride + offs, mask=mask, other=0.0)
+    else:
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for s in range(0, n_splits):
+            top = tl.maximum(top, tl.load(max_ptr + s * n_rows + rows, mask=row_ok, other=0.0))
+        total = tl.zeros([BLOCK_M], tl.float32)
+        for s in range(0, n_splits):
+            c = tl.exp(tl.load(max_ptr + s * n_rows + rows, mask=row_ok, other=0.0) - top)
+            total += c * tl.load(sum_ptr + s * n_rows + rows, mask=row_ok, other=1.0)
+            part = tl.load(acc_ptr + s * split_stride + offs, mask=mask, other=0.0)
+            expect += c[:, None] * part
+        expect = expect / total[:, None]
     y = tl.load(y_ptr + rows, mask=row_ok, other=0)
     w_y = tl.load(w_ptr + y[:, None] * stride_w + ks[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         t = tl.load(tgt_ptr + rows, mask=row_ok, other=0.0) / softcap
         w_y = w_y * (1.0 - t * t)[:, None]
-    out = scale * (w_y - expect / total[:, None])
+    out = scale * (w_y - expect)
     tl.store(acc_ptr + offs, out, mask=mask)
 
 
@@ -257,6 +265,15 @@ class HeadForward(NamedTuple):
     row_logsum: torch.Tensor
     targets: torch.Tensor | None
     direction: torch.Tensor | None
+
+
+def direction_mode() -> str:
+    """``"fused"`` (default: the direction inside the statistics kernel) or ``"two_pass"`` (statistics first, then
+    :mod:`edpo_plugin.ops.triton_head_direction`), from ``EDPO_TRITON_DIRECTION``."""
+    mode = os.environ.get("EDPO_TRITON_DIRECTION", "fused")
+    if mode not in ("fused", "two_pass"):
+        raise ValueError(f"EDPO_TRITON_DIRECTION must be 'fused' or 'two_pass', got {mode!r}.")
+    return mode
 
 
 def _workspace_cap(n_rows: int, dim: int) -> int:
@@ -294,8 +311,10 @@ def triton_head_forward(
             torch.empty(0, dim, dtype=torch.float32, device=dev) if with_direction else None,
         )
     h, hr, w, wr = h.contiguous(), hr.contiguous(), w.contiguous(), wr.contiguous()
-    blk = blocks_for("direction" if with_direction else "stats", h.dtype, dev)
-    cap = _workspace_cap(n_rows, dim) if with_direction else triton.cdiv(vocab, blk.block_v)
+    two_pass = with_direction and direction_mode() == "two_pass"
+    fused = with_direction and not two_pass
+    blk = blocks_for("direction" if fused else "stats", h.dtype, dev)
+    cap = _workspace_cap(n_rows, dim) if fused else triton.cdiv(vocab, blk.block_v)
     n_splits = vocab_splits(n_rows, vocab, blk.block_m, blk.block_v, dev, cap)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), blk.block_v) * blk.block_v
     n_splits = triton.cdiv(vocab, cols_per_split)
@@ -303,7 +322,7 @@ def triton_head_forward(
     part_sum = torch.empty_like(part_max)
     # NaN until written: a label outside [0, V) leaves its target NaN instead of a silent garbage value
     targets = None if y is None else torch.full((2, n_rows), float("nan"), dtype=torch.float32, device=dev)
-    acc = torch.zeros(n_splits, n_rows, dim, dtype=torch.float32, device=dev) if with_direction else None
+    acc = torch.zeros(n_splits, n_rows, dim, dtype=torch.float32, device=dev) if fused else None
     ieee = h.dtype == torch.float32 or w.dtype == torch.float32
     softcap = float(transform.softcap or 1.0)
     y32 = None if y is None else y.to(torch.int32).contiguous()
@@ -315,18 +334,34 @@ def triton_head_forward(
         h.stride(0), w.stride(0), hr.stride(0), wr.stride(0),
         HAS_BIAS=b is not None, HAS_REF_BIAS=br is not None, SHARED_WEIGHT=shared,
         HAS_SCALE=transform.scale != 1.0, HAS_SOFTCAP=transform.softcap is not None,
-        WITH_TARGETS=y is not None, WITH_DIRECTION=with_direction, IEEE=ieee, UPCAST=interpreting() and not ieee,
+        WITH_TARGETS=y is not None, WITH_DIRECTION=fused, IEEE=ieee, UPCAST=interpreting() and not ieee,
         BLOCK_M=blk.block_m, BLOCK_V=blk.block_v, BLOCK_D=blk.block_d,
         num_warps=blk.num_warps, num_stages=blk.num_stages,
     )  # fmt: skip
     top = part_max.amax(dim=1, keepdim=True)
     logsum = (part_sum * torch.exp(part_max - top)).sum(dim=1).log_()
     direction = None
+    if two_pass:
+        from edpo_plugin.ops.triton_head_direction import _direction_kernel
+
+        dblk = blocks_for("direction2", h.dtype, dev)
+        n_splits = vocab_splits(n_rows, vocab, dblk.block_m, dblk.block_v, dev, _workspace_cap(n_rows, dim))
+        cols_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), dblk.block_v) * dblk.block_v
+        n_splits = triton.cdiv(vocab, cols_per_split)
+        acc = torch.zeros(n_splits, n_rows, dim, dtype=torch.float32, device=dev)
+        _direction_kernel[(triton.cdiv(n_rows, dblk.block_m), n_splits)](
+            h, w, b if b is not None else h, top[0, 0].contiguous(), logsum[0].contiguous(), acc, n_rows, vocab, dim,
+            cols_per_split, n_rows * dim, float(transform.scale), softcap, h.stride(0), w.stride(0),
+            HAS_BIAS=b is not None, HAS_SCALE=transform.scale != 1.0, HAS_SOFTCAP=transform.softcap is not None,
+            IEEE=ieee, UPCAST=interpreting() and not ieee,
+            BLOCK_M=dblk.block_m, BLOCK_V=dblk.block_v, BLOCK_D=dblk.block_d,
+            num_warps=dblk.num_warps, num_stages=dblk.num_stages,
+        )  # fmt: skip
     if with_direction:
         eblk = blocks_for("epilogue", h.dtype, dev)
         _direction_epilogue_kernel[(triton.cdiv(n_rows, eblk.block_m), triton.cdiv(dim, eblk.block_d))](
             acc, part_max[0], part_sum[0], targets, y32, w, n_rows, dim, n_splits, n_rows * dim, float(transform.scale),
-            softcap, w.stride(0), HAS_SOFTCAP=transform.softcap is not None,
+            softcap, w.stride(0), HAS_SOFTCAP=transform.softcap is not None, NORMALISED=two_pass,
             BLOCK_M=eblk.block_m, BLOCK_D=eblk.block_d, num_warps=eblk.num_warps,
         )  # fmt: skip
         direction = acc[0]
