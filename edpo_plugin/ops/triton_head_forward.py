@@ -23,8 +23,10 @@ term: ``direction = s·(J_y W[y] − Σ_s e^{m_s − m} A_s / Σ_s e^{m_s − m}
 0's workspace, fp32 ``[M, d]``. The four streams' statistics are merged in PyTorch (``[4, splits, M]``, tiny).
 
 Workspace: ``splits × M × d`` fp32 (split 0 is the returned direction), splits capped by ``EDPO_TRITON_WORKSPACE_MIB``
-(default 128 MiB beyond the direction). HBM traffic of the read-modify-write: ``8·M·d·⌈V/BLOCK_V⌉`` bytes,
-which is what a GPU run has to weigh against the saved fp32 GEMM (docs/benchmarks.md).
+(default 128 MiB beyond the direction). HBM traffic of the read-modify-write: ``8·M·d·⌈V/BLOCK_V⌉`` bytes, the
+expected bottleneck at d = 4096 (docs/benchmarks.md); ``EDPO_TRITON_DIRECTION=two_pass`` computes the direction in
+a second kernel instead (:mod:`edpo_plugin.ops.triton_head_direction`: one more matmul-equivalent, a quarter of
+the traffic). Which is faster has not been measured (no GPU yet).
 
 Precision: see :mod:`edpo_plugin.ops.triton_common` (bf16/fp16: tensor-core dots, fp32 accumulation, P as a
 hi + lo pair of input-dtype values; fp32: IEEE dots).
