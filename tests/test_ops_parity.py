@@ -266,3 +266,28 @@ def test_trainable_head_gradients_at_large_logits_as_accurate_as_full_logits():
         errors[impl] = [_rel(a, b) for a, b in zip(grads, want_grads)]
     for fused, full in zip(errors["chunked"], errors["naive"]):
         assert fused <= 2 * full + 1e-7, errors
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_triton_mix_lse_statistics_against_float64(shared, monkeypatch):
+    """``triton_mix_lse`` (the statistics-only entry point other code builds on) keeps its meaning: per row
+    ``(max, log Σ exp(z − max))`` of z_θ, z_ref, z⁺, z⁻ with z = softcap·tanh(scale·(W h + b)/softcap)."""
+    from edpo_plugin.ops.triton_lse import triton_mix_lse
+
+    monkeypatch.setenv("EDPO_TRITON_SPLITS", "2")
+    g = torch.Generator().manual_seed(7)
+    h, hr = torch.randn(29, 24, generator=g), torch.randn(29, 24, generator=g)
+    w, b = 2 * torch.randn(601, 24, generator=g), torch.randn(601, generator=g)
+    wr, br = (w, b) if shared else (2 * torch.randn(601, 24, generator=g), torch.randn(601, generator=g))
+    row_max, row_logsum = triton_mix_lse(h, w, b, hr, wr, br, 0.05, LogitTransform(0.5, 30.0), shared=shared)
+    assert row_max.shape == row_logsum.shape == (4, 29) and row_max.dtype == torch.float32
+
+    def logits(hh, ww, bb):
+        return 30.0 * torch.tanh(0.5 * (hh.double() @ ww.double().T + bb.double()) / 30.0)
+
+    z, zr = logits(h, w, b), logits(hr, wr, br)
+    want = torch.stack([torch.logsumexp(x, dim=1) for x in (z, zr, 1.05 * z - 0.05 * zr, 0.95 * z + 0.05 * zr)])
+    got = row_max.double() + row_logsum.double()
+    assert _rel(got, want) <= 1e-6
+    assert (row_logsum >= 0).all() and (row_logsum <= torch.log(torch.tensor(601.0))).all()
