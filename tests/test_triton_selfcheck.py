@@ -27,6 +27,13 @@ def test_probe_passes_on_a_working_kernel(selfcheck):
         assert selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
 
 
+def test_probe_passes_when_first_called_under_inference_mode(selfcheck):
+    """An evaluation loop may be the first caller: no_grad/inference_mode must not fail the probe."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
+
+
 def test_launch_failure_warns_once_naming_device_and_error_then_falls_back(selfcheck, monkeypatch):
     from edpo_plugin.ops import triton_head_forward
 

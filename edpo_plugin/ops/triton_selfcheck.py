@@ -30,7 +30,9 @@ def triton_passes_self_check(device: torch.device, dtype: torch.dtype) -> bool:
     key = (device.type, device.index, dtype)
     if key not in _RESULTS:
         try:
-            problem = _probe(device, dtype)
+            # the first caller may be an evaluation loop under no_grad or inference_mode: the probe needs autograd
+            with torch.inference_mode(False), torch.enable_grad():
+                problem = _probe(device, dtype)
         except Exception as exc:  # a compile or launch failure of any kind means "do not use Triton here"
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
