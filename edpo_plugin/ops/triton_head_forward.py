@@ -260,8 +260,9 @@ def _direction_epilogue_kernel(
 
 class HeadForward(NamedTuple):
     """Per-row results for ``M`` rows: ``row_max``/``row_logsum`` fp32 ``[4, M]`` (z_θ, z_ref, z⁺, z⁻) as
-    ``(max, log Σ exp(z − max))``; ``targets`` fp32 ``[2, M]`` (z_θ[y], z_ref[y]) or None; ``direction`` fp32
-    ``[M, d]`` = ``d log softmax(z_θ)[y] / dh`` or None."""
+    ``(max, log Σ exp(z − max))``; ``targets`` fp32 ``[2, M]`` (z_θ[y], z_ref[y]; NaN where ``y`` lies outside
+    ``[0, V)``, e.g. a label on another vocabulary shard) or None; ``direction`` fp32 ``[M, d]`` =
+    ``d log softmax(z_θ)[y] / dh`` or None."""
 
     row_max: torch.Tensor
     row_logsum: torch.Tensor
