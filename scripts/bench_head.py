@@ -7,6 +7,14 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
 
     python scripts/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
+    python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # everything issue 10 asks for
+
+``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, naive/chunked/triton (default blocks, two wider-tile
+settings and the two-pass direction) and Liger's
+``LigerFusedLinearDPOLoss``, frozen and trainable heads, plus the measured bf16 GEMM rate of this GPU (a
+``[N, d] × [d, 16384]`` matmul) that each row's TFLOP/s is compared with, and the Triton self-check's verdict.
+TFLOP/s counts the useful matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for
+every implementation), not the extra tensor-core work of the Triton path's two-term bf16 dots.
 
 Prints a table and writes JSON (``--json``).
 """
@@ -98,7 +106,7 @@ def run_one(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
         clear_grads()
     median = statistics.median(times)
-    matmuls = {"naive": 3, "chunked": 3, "triton": 4, "liger": 3}[args.impl] + (2 if args.head == "trainable" else 0)
+    matmuls = 3 + (2 if args.head == "trainable" else 0)  # useful work, the same for every implementation
     flops = matmuls * 2 * n * d * v
     return {
         "impl": args.impl,
@@ -109,6 +117,33 @@ def run_one(args: argparse.Namespace) -> dict:
         "matmul_equivalents": matmuls,
         "tflops": flops / median / 1e12,
     }
+
+
+def bf16_matmul_tflops(tokens: int, dim: int) -> float:
+    """Measured rate of a ``[tokens, dim] × [dim, 16384]`` bf16 GEMM on the current CUDA device (median of 10)."""
+    import torch
+
+    a = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(dim, 16384, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * tokens * dim * 16384 / statistics.median(times) / 1e12
+
+
+def triton_self_check(dtype: str) -> bool:
+    import torch
+
+    from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
+
+    return triton_passes_self_check(torch.device("cuda"), getattr(torch, DTYPES[dtype]))
 
 
 def main() -> None:
@@ -122,6 +157,8 @@ def main() -> None:
     p.add_argument("--heads", default="frozen,trainable")
     p.add_argument("--liger", action="store_true", help="also time TRL/Liger's LigerFusedLinearDPOLoss")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpu-suite", action="store_true", help="the full GPU run of issue 10 (see the docstring)")
+    p.add_argument("--triton-blocks", default="", help="extra Triton rows with EDPO_TRITON_BLOCKS=M,V,D; ';'-separated")
     p.add_argument("--json", default="bench_head.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -131,35 +168,59 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(args)))
         return
+    if args.gpu_suite:
+        args.device, args.dtype, args.tokens, args.dim, args.vocab = "cuda", "bf16", 8192, 4096, 128256
+        args.impls, args.heads, args.liger, args.repeats = "naive,chunked,triton", "frozen,trainable", True, 5
+        # the direction's read-modify-write traffic falls with BLOCK_V (docs/benchmarks.md): try wider tiles too
+        args.triton_blocks = args.triton_blocks or "32,128,32;64,128,32"
+    extra = {}
+    if args.device.startswith("cuda"):
+        extra["bf16_matmul_tflops"] = bf16_matmul_tflops(args.tokens, args.dim)
+        if "triton" in args.impls.split(","):
+            extra["triton_self_check_passed"] = triton_self_check(args.dtype)
 
-    impls = args.impls.split(",") + (["liger"] if args.liger else [])
+    impls = [(i, None) for i in args.impls.split(",")] + ([("liger", None)] if args.liger else [])
+    impls += [("triton", b) for b in args.triton_blocks.split(";") if b]
+    if args.gpu_suite:
+        impls.append(("triton", "two_pass"))  # the two-kernel direction (EDPO_TRITON_DIRECTION=two_pass)
     rows = []
     for head in args.heads.split(","):
-        for impl in impls:
+        for impl, blocks in impls:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--head", head, "--device", args.device,
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim", str(args.dim),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
+            env = dict(os.environ)
+            if blocks == "two_pass":
+                env["EDPO_TRITON_DIRECTION"] = "two_pass"
+            elif blocks:
+                env["EDPO_TRITON_BLOCKS"] = blocks
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            name = impl if blocks is None else f"triton[{blocks}]"
+            if done.returncode != 0:  # keep going: one failing variant must not lose the others' numbers
                 print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{impl}/{head} failed")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                rows.append({"impl": name, "head": head, "error": done.stderr[-3000:]})
+                continue
+            rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "impl": name})
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
 
     by_key = {(r["head"], r["impl"]): r for r in rows}
     for r in rows:
         base = by_key.get((r["head"], "naive"))
         r["memory_vs_naive"] = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else None
         r["time_vs_naive"] = r["time_s"] / base["time_s"] if base else None
+        if "bf16_matmul_tflops" in extra:
+            r["fraction_of_bf16_matmul_rate"] = r["tflops"] / extra["bf16_matmul_tflops"]
 
     header = (
-        f"{'head':<10}{'impl':<9}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
+        f"{'head':<10}{'impl':<24}{'peak extra MiB':>15}{'mem/naive':>10}{'time s':>9}{'time/naive':>11}{'TFLOP/s':>9}"
     )
     print(f"shape: N={args.tokens} d={args.dim} V={args.vocab} {args.dtype} on {args.device}")
     print(header)
     for r in rows:
         mem_ratio = f"{r['memory_vs_naive']:.3f}" if r["memory_vs_naive"] is not None else "-"
         time_ratio = f"{r['time_vs_naive']:.2f}" if r["time_vs_naive"] is not None else "-"
-        print(f"{r['head']:<10}{r['impl']:<9}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
+        print(f"{r['head']:<10}{r['impl']:<24}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
               f"{r['time_s']:>9.3f}{time_ratio:>11}{r['tflops']:>9.3f}")  # fmt: skip
 
     meta = {
@@ -170,9 +231,16 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "shape": {"tokens": args.tokens, "dim": args.dim, "vocab": args.vocab, "dtype": args.dtype},
         "device": args.device,
+        **extra,
     }
+    if args.device.startswith("cuda"):
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name()
+        meta["torch"] = torch.__version__
+    print({k: v for k, v in extra.items()})
     with open(args.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "failed": failed}, f, indent=2)
     print(f"wrote {args.json}")
 
 

@@ -5,8 +5,11 @@ per-token log-prob streams. Implementations, chosen by ``impl``:
 
 - ``"naive"``: materialises ``[tokens × vocab]`` logits (the authors' reference trainer's way).
 - ``"chunked"``: PyTorch, token chunks × vocabulary tiles with an online logsumexp; CPU and GPU.
-- ``"triton"``: a Triton kernel for the statistics sweep (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-- ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports, else ``"chunked"``.
+- ``"triton"``: Triton kernels for the sweep and the trainable head's backward (CUDA, or CPU under
+  ``TRITON_INTERPRET=1``).
+- ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports and the Triton head passed its first-use self-check
+  on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it warns once and falls back), else
+  ``"chunked"``.
 
 Imports only torch (and triton, lazily).
 """
@@ -57,12 +60,16 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``impl`` (one of :data:`IMPLS`) to a concrete implementation for tensors on ``device``."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Map ``impl`` (one of :data:`IMPLS`) to a concrete implementation for ``dtype`` tensors on ``device``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "chunked"
+        if device.type != "cuda" or not triton_available():
+            return "chunked"
+        from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
+
+        return "triton" if triton_passes_self_check(device, dtype) else "chunked"
     return impl
 
 
@@ -116,7 +123,7 @@ def linear_logprobs(
     lead_shape = labels.shape
     d = hidden.shape[-1]
     flat = (hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon))
-    kind = resolve_impl(impl, hidden.device)
+    kind = resolve_impl(impl, hidden.device, hidden.dtype)
     if kind == "naive":
         streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform)
     else:

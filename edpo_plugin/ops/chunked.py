@@ -17,13 +17,17 @@ Backward (gradient of the policy stream only; the rest are constants), with ``J 
 - trainable head: backward recomputes the policy logits tile by tile from the saved statistics and produces the
   hidden, weight and bias gradients. Five matmul-equivalents in all.
 
-``use_triton=True`` swaps the forward statistics sweep for the Triton kernel in ``triton_lse.py`` when the head is
-frozen; a second, policy-only sweep in the forward then builds the hidden-state gradient direction (four
-matmul-equivalents in all). With a frozen head nothing reads ``W`` in backward, which is what a ZeRO-3-sharded head
-needs. With a trainable head the PyTorch sweep is used, so that the recompute backward normalises with statistics
-from the same arithmetic.
+``use_triton=True`` replaces the forward sweep by one Triton kernel (:mod:`edpo_plugin.ops.triton_head_forward`)
+that returns the statistics, the target logits and, when the hidden state needs a gradient, the direction above
+(frozen or trainable head): 3 matmul-equivalents, on tensor cores for bf16/fp16 inputs (4 in tensor-core work
+there: the direction's softmax weights enter as a hi + lo pair). With a frozen head nothing reads ``W`` in
+backward, which is what a ZeRO-3-sharded head needs. With a trainable head, backward runs
+:mod:`edpo_plugin.ops.triton_head_backward` (a Triton recompute of the logit gradient from the kernel's own
+statistics, then ``Gᵀ H`` on the input dtype): 5 matmul-equivalents in all (7 in tensor-core work on bf16/fp16),
+none of them an fp32 GEMM on bf16/fp16 inputs.
 
-Autocast is disabled inside forward and backward: every matmul here is an fp32 matmul on upcast tiles.
+Autocast is disabled inside forward and backward. The PyTorch sweeps here (``use_triton=False``) still upcast every
+tile to fp32 and run fp32 GEMMs whatever the input dtype: the portable fallback, exact but slow on a GPU.
 """
 
 from __future__ import annotations
@@ -119,26 +123,25 @@ def _forward(
 
     want_hidden = ctx.needs_input_grad[0]
     head_trainable = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-    # The recompute backward normalises with the forward's statistics, so with a trainable head both must come
-    # from the same matmul arithmetic: the Triton sweep is used for frozen heads only.
-    triton_stats = use_triton and not head_trainable
-    keep_direction = want_hidden and not head_trainable and not triton_stats
+    keep_direction = want_hidden and not head_trainable
 
     direction = None
-    if triton_stats:
-        from edpo_plugin.ops.triton_lse import triton_mix_lse
+    if use_triton:
+        # One Triton kernel for statistics, targets and (if needed) the hidden-state direction, frozen or
+        # trainable head alike; a trainable head's weight/bias gradients come from a Triton recompute that uses
+        # the same dot arithmetic as these statistics (triton_head_backward).
+        from edpo_plugin.ops.triton_head_forward import triton_head_forward
 
-        row_max, row_logsum = triton_mix_lse(h, w, b, hr, wr, br, epsilon, transform, shared=shared)
-        if want_hidden:
-            # in the forward, while a ZeRO-3-gathered head is still whole; nothing reads W in backward
-            direction = _policy_direction(h, w, b, y, transform, token_chunk, vocab_chunk)
+        fwd = triton_head_forward(h, w, b, hr, wr, br, y, epsilon, transform, shared=shared, with_direction=want_hidden)
+        row_max, row_logsum, direction = fwd.row_max, fwd.row_logsum, fwd.direction
+        target_p, target_r = fwd.targets.unbind(0)
     else:
         row_max, row_logsum, direction = _lse_sweep(
             h, w, b, hr, wr, br, y, epsilon, transform, token_chunk, vocab_chunk, shared, keep_direction
         )
+        target_p = transform.apply_(_pre_logits_at(h, w, b, y))
+        target_r = transform.apply_(_pre_logits_at(hr, wr, br, y))
 
-    target_p = transform.apply_(_pre_logits_at(h, w, b, y))
-    target_r = transform.apply_(_pre_logits_at(hr, wr, br, y))
     targets = torch.stack(mix_streams(target_p, target_r, epsilon))
     streams = ((targets - row_max) - row_logsum).unbind(0)
     outputs = tuple(hidden.new_zeros(n_tokens, dtype=torch.float32).index_copy_(0, valid_idx, s) for s in streams)
@@ -149,12 +152,16 @@ def _forward(
     ctx.has_bias = bias is not None
     ctx.transform = transform
     ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
-    if direction is not None or not want_hidden and not head_trainable:
+    if use_triton and head_trainable:
+        ctx.mode = "triton"
+        ctx.save_for_backward(valid_idx, direction, y, row_max[0].contiguous(), row_logsum[0].contiguous(), h,
+                              weight, bias)  # fmt: skip
+    elif direction is not None or not want_hidden and not head_trainable:
         ctx.save_for_backward(valid_idx, direction)
-        ctx.recompute = False
+        ctx.mode = "direction"
     else:
         ctx.save_for_backward(valid_idx, y, row_max[0].contiguous(), row_logsum[0].contiguous(), h, weight, bias)
-        ctx.recompute = True
+        ctx.mode = "recompute"
     return outputs
 
 
@@ -162,12 +169,21 @@ def _backward(ctx, grad_policy):
     want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_bias = ctx.has_bias and ctx.needs_input_grad[2]
     grad_hidden = grad_weight = grad_bias = None
-    if not ctx.recompute:
+    if ctx.mode == "direction":
         valid_idx, direction = ctx.saved_tensors
         if direction is None:  # no input needed a gradient
             return None, None, None
         g = grad_policy.index_select(0, valid_idx).float()
         grad_valid = direction * g[:, None]
+    elif ctx.mode == "triton":
+        from edpo_plugin.ops.triton_head_backward import triton_head_param_grads
+
+        valid_idx, direction, y, row_max, row_logsum, h, weight, bias = ctx.saved_tensors
+        g = grad_policy.index_select(0, valid_idx).float()
+        grad_valid = direction * g[:, None] if want_hidden else None
+        grad_weight, grad_bias = triton_head_param_grads(
+            h, weight, bias, y, row_max, row_logsum, g, ctx.transform, want_weight, want_bias
+        )
     else:
         valid_idx, y, row_max, row_logsum, h, weight, bias = ctx.saved_tensors
         g = grad_policy.index_select(0, valid_idx).float()
@@ -284,45 +300,6 @@ def _target_term(
         return rows
     slope = transform.derivative(transform.apply_(_pre_logits_at(h, w, b, y)))
     return rows.mul_(slope.unsqueeze(1))
-
-
-def _policy_direction(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    y: torch.Tensor,
-    transform: LogitTransform,
-    token_chunk: int,
-    vocab_chunk: int,
-) -> torch.Tensor:
-    """fp32 ``[M, d]``: ``J_y W[y] − Σ_v softmax(z)_v J_v W_v`` by one online sweep (frozen head)."""
-    n_valid, d = h.shape
-    w = weight.detach()
-    capped = transform.softcap is not None
-    out = torch.empty(n_valid, d, dtype=torch.float32, device=h.device)
-    for m0 in range(0, n_valid, token_chunk):
-        m1 = min(m0 + token_chunk, n_valid)
-        hc = h[m0:m1].float()
-        run_max = torch.full((m1 - m0,), float("-inf"), dtype=torch.float32, device=h.device)
-        run_sum = torch.zeros(m1 - m0, dtype=torch.float32, device=h.device)
-        expect = torch.zeros(m1 - m0, d, dtype=torch.float32, device=h.device)
-        for v0 in range(0, w.shape[0], vocab_chunk):
-            wt = w[v0 : v0 + vocab_chunk].float()
-            z = hc @ wt.t()
-            if bias is not None:
-                z.add_(bias.detach()[v0 : v0 + vocab_chunk].float())
-            transform.apply_(z)
-            slope = transform.derivative(z) if capped else None
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            p = z.sub_(new_max.unsqueeze(1)).exp_()
-            rescale = torch.exp(run_max - new_max)
-            run_sum.mul_(rescale).add_(p.sum(dim=1))
-            expect.mul_(rescale.unsqueeze(1)).addmm_(p if slope is None else slope.mul_(p), wt)
-            run_max = new_max
-        out[m0:m1] = _target_term(h[m0:m1], w, bias, y[m0:m1], transform) - expect.div_(run_sum.unsqueeze(1))
-        if not capped:
-            out[m0:m1].mul_(transform.scale)
-    return out
 
 
 def _recompute_grads(

@@ -1,0 +1,98 @@
+"""impl="auto" trusts the Triton head only after it matched the chunked head on a probe (CPU: interpreter)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from edpo_plugin import ops
+from edpo_plugin.ops import resolve_impl, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@pytest.fixture
+def selfcheck(monkeypatch):
+    from edpo_plugin.ops import triton_selfcheck
+
+    monkeypatch.setattr(triton_selfcheck, "_RESULTS", {})
+    return triton_selfcheck
+
+
+def test_probe_passes_on_a_working_kernel(selfcheck):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
+
+
+def test_probe_passes_when_first_called_under_inference_mode(selfcheck):
+    """An evaluation loop may be the first caller: no_grad/inference_mode must not fail the probe."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
+
+
+def test_launch_failure_warns_once_naming_device_and_error_then_falls_back(selfcheck, monkeypatch):
+    from edpo_plugin.ops import triton_head_forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX codegen error (forced by the test)")
+
+    monkeypatch.setattr(triton_head_forward, "_launch_forward", broken)
+    dev = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match=r"cpu.*PTX codegen error \(forced by the test\).*chunked"):
+        assert not selfcheck.triton_passes_self_check(dev, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: no second warning, no second probe
+        assert not selfcheck.triton_passes_self_check(dev, torch.float32)
+
+
+def test_wrong_numbers_are_caught(selfcheck, monkeypatch):
+    from edpo_plugin.ops import triton_head_forward
+
+    real = triton_head_forward.triton_head_forward
+
+    def off_by_a_bit(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(row_logsum=out.row_logsum + 1e-2)
+
+    monkeypatch.setattr(triton_head_forward, "triton_head_forward", off_by_a_bit)
+    with pytest.warns(RuntimeWarning, match="policy stream differs"):
+        assert not selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
+
+
+def test_wrong_gradients_are_caught(selfcheck, monkeypatch):
+    from edpo_plugin.ops import triton_head_backward
+
+    real = triton_head_backward.triton_head_param_grads
+
+    def scaled(*args, **kwargs):
+        gw, gb = real(*args, **kwargs)
+        return gw * 1.1, gb
+
+    monkeypatch.setattr(triton_head_backward, "triton_head_param_grads", scaled)
+    with pytest.warns(RuntimeWarning, match="trainable head: weight gradient differs"):
+        assert not selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
+
+
+def test_auto_consults_the_self_check_on_cuda_only(selfcheck, monkeypatch):
+    calls = []
+
+    def verdict(ok):
+        def check(device, dtype):
+            calls.append((device.type, dtype))
+            return ok
+
+        return check
+
+    cuda = torch.device("cuda", 0)  # resolve_impl only inspects the device; nothing runs on it
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(selfcheck, "triton_passes_self_check", verdict(False))
+    assert resolve_impl("auto", cuda, torch.bfloat16) == "chunked"
+    monkeypatch.setattr(selfcheck, "triton_passes_self_check", verdict(True))
+    assert resolve_impl("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "chunked"
+    assert resolve_impl("triton", torch.device("cpu")) == "triton"  # an explicit choice is not second-guessed
+    assert calls == [("cuda", torch.bfloat16)] * 2
