@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from spec_reference import beta_trajectory64
 
@@ -33,7 +32,7 @@ def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
     config.write_text(yaml.safe_dump(cfg))
     bin_dir = os.path.dirname(sys.executable)  # `axolotl train` execs `accelerate` from PATH
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1",
-               WANDB_MODE="disabled")  # fmt: skip
+               WANDB_MODE="disabled", TENSORBOARD_LOGGING_DIR=str(tmp_path / "tb"))  # fmt: skip
     done = subprocess.run([os.path.join(bin_dir, "axolotl"), "train", str(config)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -49,17 +48,21 @@ QLORA = {"adapter": "qlora", "load_in_4bit": True}  # bitsandbytes 4-bit runs on
                          ids=["full", "lora", "qlora"])  # fmt: skip
 def test_axolotl_train_tiny(tiny_default, tmp_path, example, overrides, weights):
     cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
-    out = _run(tiny_default, example, tmp_path, **overrides)
+    out = _run(tiny_default, example, tmp_path, use_tensorboard=True, **overrides)
     assert (out / weights).is_file(), sorted(p.name for p in out.iterdir())
     quantization = json.loads((out / "config.json").read_text()).get("quantization_config", {})
     four_bit = quantization.get("load_in_4bit", quantization.get("_load_in_4bit", False))  # key differs by version
     assert four_bit == overrides.get("load_in_4bit", False), quantization
 
-    # ε-DPO's options are declared training-args fields (the plugin's mixin), so they are in args.to_dict()
-    args = torch.load(out / f"checkpoint-{STEPS}" / "training_args.bin", weights_only=False)
-    saved = args.to_dict()
-    assert (saved["epsilon"], saved["edpo_head"], saved["edpo_head_check"]) == (cfg["edpo_epsilon"], cfg["edpo_head"],
-                                                                                 True)  # fmt: skip
+    # ε-DPO's options are declared fields of the training args (the plugin's mixin): the args summary TensorBoard
+    # receives (args.to_json_string(), i.e. to_dict()) inside the training process holds them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    summary = json.loads(events.Tensors("args/text_summary")[0].tensor_proto.string_val[0])
+    assert (summary["epsilon"], summary["edpo_head"], summary["edpo_head_check"]) == (
+        cfg["edpo_epsilon"], cfg["edpo_head"], True)  # fmt: skip
 
     history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
     train = [h for h in history if "loss" in h]

@@ -792,3 +792,23 @@ def test_quantized_lm_head_is_refused(layer):
         model.lm_head = getattr(bnb.nn, layer)(32, VOCAB, bias=False)
     with pytest.raises(ValueError, match=rf"LlamaForCausalLM's lm_head is a {layer}"):
         describe_head(model)
+
+
+@pytest.mark.parametrize("arch", _params(ARCHS))
+def test_first_step_check_accepts_every_supported_architecture(arch: Arch):
+    """The trainer's first-step check (backbone hidden state → fused head vs the model's own logits) passes on every
+    architecture described here — no false refusal (MiniCPM3 divides its hidden state before lm_head)."""
+    from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
+
+    model = _build(arch)
+    view = describe_head(model)
+    ids, mask, labels = _batch()
+    completion = (labels != -100).long()
+    row_ids, row_mask = check_row(ids, mask, torch.cat((torch.zeros_like(ids[:, :1]), completion), dim=1))
+    with torch.no_grad():
+        own = own_forward_logprobs(lambda: model(input_ids=row_ids, attention_mask=row_mask).logits, view.backbone,
+                                   row_ids[:, 1:])  # fmt: skip
+        weight, bias = view.weight_and_bias()
+        fused = linear_logprobs(own.hidden, weight, row_ids[:, 1:], ref_hidden=own.hidden, ref_weight=weight, bias=bias,
+                                ref_bias=bias, epsilon=EPSILON, transform=view.transform, impl="chunked")  # fmt: skip
+    assert compare_with_model(own, fused.policy, arch.id) <= 1e-4

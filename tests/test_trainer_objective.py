@@ -304,3 +304,23 @@ def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_p
     assert all(row == [tok.bos_token_id, tok.bos_token_id] for row in firsts[1]), "the strategy no longer doubles BOS"
     assert all(row[1] != tok.bos_token_id for row in firsts[0])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+class _DividingLinear(torch.nn.Linear):
+    """An lm_head that divides its input first (MiniCPM-1/2 do this in remote code, with no config field to see)."""
+
+    def forward(self, x):
+        return super().forward(x / 4)
+
+
+def test_first_step_check_sees_a_hidden_state_rescaled_before_lm_head(tiny_default, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    model = _llama(tok)
+    head = _DividingLinear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(40 * model.lm_head.weight)
+    model.lm_head = head
+    trainer = _edpo_trainer(tiny_default, tmp_path, model, epsilon=0.1)
+    with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\)"):
+        trainer.train()

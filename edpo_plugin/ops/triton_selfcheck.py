@@ -21,7 +21,7 @@ _RESULTS: dict[tuple[str, int | None, torch.dtype], bool] = {}
 # Both paths accumulate exact products in fp32; the Triton path rounds the softmax weights to bf16/fp16 before the
 # direction's dot and the logit gradient before the weight-gradient GEMM, hence the looser gradient bound there.
 STREAM_TOL = 1e-5
-GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2**-7, torch.float16: 2**-7}  # ~4× the outputs' own rounding
 
 
 def triton_passes_self_check(device: torch.device, dtype: torch.dtype) -> bool:

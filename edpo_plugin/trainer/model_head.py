@@ -60,7 +60,10 @@ _DIVIDE_FIELD = {
     "granitemoeshared": "logits_scaling",
     "granitemoehybrid": "logits_scaling",
     "minicpm3": "logits_scaling",  # divides the hidden state before a bias-free lm_head: the same logits
+    "granite4_vision": "logits_scaling",
 }
+# Multimodal wrappers whose forward is a plain lm_head(h) although their text config sets a transform field.
+_PLAIN_WRAPPERS = {"aya_vision", "cohere2_vision"}
 # Fields that, set on an architecture not in the tables above, mean its logits are probably not ``W h + b``.
 _TRANSFORM_FIELDS = (
     "final_logit_softcapping",
@@ -117,19 +120,35 @@ def describe_head(model: torch.nn.Module) -> HeadView:
 
 
 def logit_transform(config: Any, model_class: str = "the model") -> LogitTransform:
-    """The post-head transform of a model with this ``config`` (its text config for multimodal wrappers)."""
+    """The post-head transform of a model with this ``config``.
+
+    Looked up by the top-level ``model_type``: a multimodal wrapper is described only where its own forward is known
+    (Gemma-3/3n/4 and Granite-4-Vision apply their text model's transform; Aya-Vision and Cohere2-Vision do not, though
+    their text configs set ``logit_scale``); a wrapper of a listed text model that is not described is refused.
+    """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = _model_type(config)
+    text_type = getattr(text, "model_type", "") or ""
     known = {**_SOFTCAP_FIELD, **_MULTIPLY_FIELD, **_DIVIDE_FIELD}
+    if model_type in _PLAIN_WRAPPERS:
+        return LogitTransform()
     if model_type not in known:
-        for field in _TRANSFORM_FIELDS:
-            value = getattr(text, field, None)
-            if value not in _NEUTRAL:
-                raise ValueError(
-                    f"{model_class} (model_type {model_type!r}) sets {field}={value!r}, so its logits are probably "
-                    f"not lm_head(h); ε-DPO's fused head does not know how this architecture uses {field} and "
-                    "refuses rather than train a different objective. Use a supported architecture or open an issue."
-                )
+        if text_type in known:
+            raise ValueError(
+                f"{model_class} (model_type {model_type!r}) wraps a {text_type!r} text model whose logits are "
+                "transformed, and ε-DPO does not know whether this wrapper's forward applies that transform: it "
+                "refuses rather than guess. Fine-tune the text model's *ForCausalLM, or open an issue."
+            )
+        for cfg in {id(config): config, id(text): text}.values():
+            for field in _TRANSFORM_FIELDS:
+                value = getattr(cfg, field, None)
+                if value not in _NEUTRAL:
+                    raise ValueError(
+                        f"{model_class} (model_type {model_type!r}) sets {field}={value!r}, so its logits are probably "
+                        f"not lm_head(h); ε-DPO's fused head does not know how this architecture uses {field} and "
+                        "refuses rather than train a different objective. Use a supported architecture or open an "
+                        "issue."
+                    )
         return LogitTransform()
     if model_type in _SOFTCAP_FIELD:
         cap = getattr(text, _SOFTCAP_FIELD[model_type], None)
@@ -146,9 +165,16 @@ def logit_transform(config: Any, model_class: str = "the model") -> LogitTransfo
     return transform
 
 
+def is_peft_head_wrapper(view: HeadView) -> bool:
+    """Whether the output embeddings are a PEFT ``modules_to_save`` / trainable-tokens wrapper."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return isinstance(view.module, AuxiliaryTrainingWrapper)
+
+
 def _model_type(config: Any) -> str:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "model_type", None) or getattr(config, "model_type", "")
+    """The top-level ``model_type`` (a multimodal wrapper's own, not its text model's)."""
+    return getattr(config, "model_type", "") or ""
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from edpo_plugin.loss import BetaController, edpo_loss
 from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
-from edpo_plugin.trainer.model_head import HeadView, describe_head
+from edpo_plugin.trainer.model_head import HeadView, describe_head, is_peft_head_wrapper
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
     explain_accelerate_refusal,
@@ -70,6 +70,15 @@ class EpsilonDPOTrainer(DPOTrainer):
                 "ε-DPO does not add the MoE router auxiliary loss: set router_aux_loss_coef=0.0 for this model."
             )
         policy_view = describe_head(self.model)  # refuses what the fused head cannot compute exactly
+        if self.is_deepspeed_enabled and is_peft_head_wrapper(policy_view):
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise ValueError(
+                    "PEFT modules_to_save / trainable tokens on lm_head under DeepSpeed ZeRO-3 are not supported by "
+                    "ε-DPO's fused head (ZeRO-3 gathers the wrapped head only inside its own forward, which the fused "
+                    "head does not call). Use ZeRO-2 or FSDP, or leave lm_head out of modules_to_save."
+                )
         if self.ref_model is not None:
             _check_same_transform(policy_view, describe_head(self.accelerator.unwrap_model(self.ref_model)))
         elif is_peft_model(self.model) and "ref" in self.model.peft_config and policy_view.module is not None:
@@ -243,11 +252,9 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def _check_head_against_model(self, model, unwrapped, inputs) -> bool:
         """The first-step check (``edpo_head_check``): the fused head against the policy's and the reference's own
-        forward on one short row (see ``head_check.py``). Returns whether the check ran."""
-        row = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-        if row is None:
-            return False
-        ids, mask = row
+        forward on one short row (see ``head_check.py``). Runs on every rank's first training micro-batch (its
+        forwards take the same collectives everywhere); returns True."""
+        ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         labels = ids[:, 1:]
 
         def fused(view: HeadView, hidden: torch.Tensor, adapters: bool) -> torch.Tensor:
@@ -264,18 +271,18 @@ class EpsilonDPOTrainer(DPOTrainer):
         checks = []
         with torch.no_grad(), self.accelerator.autocast():
             view = describe_head(unwrapped)
-            own = own_forward_logprobs(own_forward(model), view.module, labels)
+            own = own_forward_logprobs(own_forward(model), view.backbone, labels)
             with _fsdp_unit_gathered(model):
                 got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, True))
             checks.append((own, got, f"{type(view.causal_lm).__name__} (policy)"))
             if self.ref_model is None:
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    own = own_forward_logprobs(own_forward(model), view.module, labels)
+                    own = own_forward_logprobs(own_forward(model), view.backbone, labels)
                 with _fsdp_unit_gathered(model):
                     got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, False))
             else:
                 ref_view = describe_head(self.accelerator.unwrap_model(self.ref_model))
-                own = own_forward_logprobs(own_forward(self.ref_model), ref_view.module, labels)
+                own = own_forward_logprobs(own_forward(self.ref_model), ref_view.backbone, labels)
                 with _fsdp_unit_gathered(self.ref_model):
                     got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, own.hidden, True))
             checks.append((own, got, f"{type(view.causal_lm).__name__} (reference)"))
