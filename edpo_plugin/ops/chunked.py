@@ -352,7 +352,7 @@ def _recompute_grads(
             in_tile = (yc >= v0) & (yc < v1)
             rows = rows_all[: m1 - m0][in_tile]
             grad_z[rows, yc[in_tile] - v0] += gc[in_tile]
-            grad_u = grad_z.mul_(slope)  # through the transform: dz/du
+            grad_u = grad_z if isinstance(slope, float) and slope == 1.0 else grad_z.mul_(slope)  # dz/du
             if grad_h is not None:
                 grad_h[m0:m1].addmm_(grad_u, wt)
             if gw_tile is not None:
