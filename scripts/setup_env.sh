@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import axolotl, deepspeed, edpo_plugin, triton, pytest, matplotlib, bitsandbytes, tensorboard, megatron.core" 2>/dev/null; then
+if ! .venv/bin/python -c "import axolotl, deepspeed, edpo_plugin, triton, pytest, matplotlib, bitsandbytes, tensorboard, megatron.core, gguf" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first: 2.13.0 is the CPU build on local disk; letting a resolver pick torch pulls a CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
