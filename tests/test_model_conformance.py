@@ -559,6 +559,7 @@ NOT_BUILT_HERE = {
     "gemma3n_text": "AltUp/LAuReL/per-layer-input stack, no tiny text-only build in this suite",
     "gemma4": "multimodal wrapper around gemma4_text",
     "gemma4_text": "per-layer-input stack, no tiny text-only build in this suite",
+    "granite4_vision": "multimodal wrapper dividing by text_config.logits_scaling (read from its forward, not built)",
 }
 
 
@@ -812,3 +813,26 @@ def test_first_step_check_accepts_every_supported_architecture(arch: Arch):
         fused = linear_logprobs(own.hidden, weight, row_ids[:, 1:], ref_hidden=own.hidden, ref_weight=weight, bias=bias,
                                 ref_bias=bias, epsilon=EPSILON, transform=view.transform, impl="chunked")  # fmt: skip
     assert compare_with_model(own, fused.policy, arch.id) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "config_cls,want",
+    [("AyaVisionConfig", LogitTransform()), ("Cohere2VisionConfig", LogitTransform()),
+     ("Granite4VisionConfig", None)],
+)  # fmt: skip
+def test_multimodal_wrappers_are_looked_up_by_their_own_model_type(config_cls, want):
+    """Aya-Vision / Cohere2-Vision wrap a Cohere text model (logit_scale set) but their forward is a plain lm_head;
+    Granite-4-Vision divides by its text model's logits_scaling; a wrapper nobody described is refused."""
+    import transformers
+
+    from edpo_plugin.trainer.model_head import logit_transform
+
+    config = getattr(transformers, config_cls)()
+    if want is None:
+        text = config.get_text_config()
+        text.logits_scaling = 8.0
+        want = LogitTransform(scale=1 / 8.0)
+    assert logit_transform(config) == want
+    paligemma = transformers.PaliGemmaConfig(text_config={"model_type": "gemma2"})
+    with pytest.raises(ValueError, match="wraps a 'gemma2' text model"):
+        logit_transform(paligemma, "PaliGemmaForConditionalGeneration")
