@@ -222,6 +222,33 @@ def test_policy_equal_to_reference_gives_bit_identical_mixes(impl):
     assert torch.equal(out.ref, out.policy)
 
 
+def test_policy_and_reference_logits_come_from_gemms_of_identical_shape():
+    """Bit identity of a policy equal to its reference must not depend on the machine: a GEMM's rounding can depend
+    on a row's position in it (seen on AMD EPYC), so the chunked sweep must never stack policy and reference rows into
+    one GEMM. Every logit GEMM of the forward sweep has at most ``token_chunk`` rows, shared head or not."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RowsSeen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket.__name__ in ("mm", "addmm", "addmm_"):
+                a = args[0] if func._overloadpacket.__name__ == "mm" else args[1]
+                self.rows.append(a.shape[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(20, 16, generator=g), torch.randn(200, 16, generator=g)
+    labels = torch.randint(0, 200, (20,), generator=g)
+    seen = RowsSeen()
+    with seen, torch.no_grad():
+        linear_logprobs(h, w, labels, ref_hidden=h.clone(), ref_weight=w, epsilon=0.01, impl="chunked",
+                        token_chunk=5, vocab_chunk=64)  # fmt: skip
+    assert seen.rows and max(seen.rows) <= 5, f"a GEMM over {max(seen.rows)} rows: policy and reference stacked"
+
+
 @pytest.mark.parametrize("impl", IMPLS_HERE)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_caller_autocast_changes_nothing(impl, trainable):

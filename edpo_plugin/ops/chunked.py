@@ -244,7 +244,6 @@ def _lse_sweep(
         rows = m1 - m0
         hc = h[m0:m1].float()
         hrc = hr[m0:m1].float()
-        stacked = torch.cat((hc, hrc)) if shared else None
         run_max = torch.full((4, rows), float("-inf"), dtype=torch.float32, device=h.device)
         run_sum = torch.zeros(4, rows, dtype=torch.float32, device=h.device)
         expect = torch.zeros(rows, d, dtype=torch.float32, device=h.device) if keep_direction else None
@@ -254,11 +253,10 @@ def _lse_sweep(
             if buf is None or buf.shape[2] != v1 - v0:
                 buf = torch.empty(4, rows, v1 - v0, dtype=torch.float32, device=h.device)
             wt = w[v0:v1].float()
-            if shared:
-                torch.mm(stacked, wt.t(), out=buf[:2].view(2 * rows, v1 - v0))
-            else:
-                torch.mm(hc, wt.t(), out=buf[0])
-                torch.mm(hrc, wr[v0:v1].float().t(), out=buf[1])
+            # Two GEMMs of identical shape, never one over stacked rows: a GEMM's rounding can depend on a row's
+            # position in it, and a policy equal to its reference must give bit-identical logits.
+            torch.mm(hc, wt.t(), out=buf[0])
+            torch.mm(hrc, wt.t() if shared else wr[v0:v1].float().t(), out=buf[1])
             if b is not None:
                 buf[0].add_(b[v0:v1].float())
             if br is not None:
