@@ -20,7 +20,7 @@ def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
     cfg.update(**overrides)
     cfg.update(
-        base_model=str(tiny["model"]),
+        base_model=str(overrides.get("base_model", tiny["model"])),
         dataset_prepared_path=str(tmp_path / "prepared"),
         output_dir=str(tmp_path / "out"),
         max_steps=STEPS,
@@ -92,3 +92,33 @@ def test_axolotl_naive_and_chunked_heads_give_the_same_beta_trajectory(tiny_defa
     chunked = _betas(_run(tiny_default, "tiny-edpo.yaml", tmp_path / "chunked", edpo_head="chunked"))
     assert len(naive) == STEPS + 1 and naive[-1] != naive[0]
     assert chunked == pytest.approx(naive, rel=1e-6)
+
+
+def test_axolotl_train_tiny_moe_with_router_aux_loss(tiny_default, tmp_path):
+    """A tiny Mixtral through `axolotl train` with rl: edpo: router_aux_loss_coef from the YAML reaches the trainer
+    (args summary), the router auxiliary loss is added and logged every step, and β follows the rule."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)  # fmt: skip
+    model_dir = tmp_path / "tiny-mixtral"
+    MixtralForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = _run(tiny_default, "tiny-edpo.yaml", tmp_path / "run", base_model=model_dir, router_aux_loss_coef=0.05,
+               use_tensorboard=True)  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    summary = json.loads(events.Tensors("args/text_summary")[0].tensor_proto.string_val[0])
+    assert summary["router_aux_loss_coef"] == 0.05
+    history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+    train = [h for h in history if "loss" in h]
+    assert len(train) == STEPS and all(h["aux_loss"] > 0 for h in train), train
+    want = beta_trajectory64(0.1, 0.1, [[h["kl/avg_steps"]] for h in train])
+    assert [h["kl/beta"] for h in train] == pytest.approx(want[:-1], rel=1e-12)

@@ -324,3 +324,176 @@ def test_first_step_check_sees_a_hidden_state_rescaled_before_lm_head(tiny_defau
     trainer = _edpo_trainer(tiny_default, tmp_path, model, epsilon=0.1)
     with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\)"):
         trainer.train()
+
+
+# ------------------------------------------------------------------------------------------ round 2: MoE, PEFT hooks
+
+
+def _mixtral(tok):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(**_tiny_config(tok, num_local_experts=4, num_experts_per_tok=2)))
+
+
+def _qwen3_moe(tok):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(**_tiny_config(tok, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           head_dim=8))  # fmt: skip
+    return Qwen3MoeForCausalLM(config)
+
+
+def _llama4(tok):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(**_tiny_config(tok, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
+                                             interleave_moe_layer_step=1, head_dim=8))  # fmt: skip
+    return Llama4ForCausalLM(config)
+
+
+AUX_COEF = 0.05
+# model -> TRL's router_aux_loss_coef for the same objective. Llama4ForCausalLM's forward computes no router auxiliary
+# loss (TRL's DPO would read a missing outputs.aux_loss): the model's own objective has none, so TRL runs with 0.
+MOE_CASES = {"mixtral": (_mixtral, AUX_COEF), "qwen3-moe": (_qwen3_moe, AUX_COEF), "llama4": (_llama4, 0.0)}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_router_aux_loss_equals_trl_dpo(tiny_default, tmp_path, case):
+    """MoE: loss = ε-DPO's + router_aux_loss_coef × the policy's own outputs.aux_loss (TRL's DPO rule, logged as
+    aux_loss); at ε → 0 the loss and every gradient (router gates included) equal TRL's DPOTrainer."""
+    build, trl_coef = MOE_CASES[case]
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(8))
+    torch.manual_seed(0)
+    base = build(tok)
+    ref = copy.deepcopy(base)
+    _perturb(base, scale=0.3)
+    trainers = {}
+    for name, trainer_cls, args_cls, coef in (("ours", EpsilonDPOTrainer, EpsilonDPOConfig, AUX_COEF),
+                                              ("trl", DPOTrainer, DPOConfig, trl_coef)):  # fmt: skip
+        args = _args(args_cls, tmp_path / name, router_aux_loss_coef=coef)
+        trainers[name] = trainer_cls(model=copy.deepcopy(base), ref_model=copy.deepcopy(ref), args=args,
+                                     train_dataset=data, processing_class=tok)  # fmt: skip
+    batch = next(iter(trainers["ours"].get_train_dataloader()))
+    losses = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses[name] = loss.item()
+    assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
+    logged = trainers["ours"]._metrics["train"]["aux_loss"]
+    if trl_coef:
+        assert len(logged) == 1 and AUX_COEF * logged[0] > 1e-3, "the auxiliary term must matter in this test"
+        assert logged == pytest.approx(trainers["trl"]._metrics["train"]["aux_loss"], rel=1e-6)
+    else:
+        assert not logged
+    ours_grads, trl_grads = _grads(trainers["ours"].model), _grads(trainers["trl"].model)
+    assert ours_grads.keys() == trl_grads.keys() and any("gate" in n or "router" in n for n in ours_grads)
+    for name, want in trl_grads.items():
+        rel = ((ours_grads[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_activated_lora_equals_trl_dpo(tiny_default, tmp_path):
+    """PEFT activated LoRA applies its adapter through PeftModel.forward's hooks, from the invocation tokens on: the
+    training forward must go through them (loss and every LoRA gradient equal TRL's DPOTrainer, not ln 2 and 0)."""
+    from peft import LoraConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(8))
+    invocation = tok(data[0]["prompt"], add_special_tokens=False).input_ids[-1:]  # the prompt's closing ":"
+    torch.manual_seed(0)
+    base = _llama(tok)
+
+    def make(trainer_cls, args_cls):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                            alora_invocation_tokens=invocation)  # fmt: skip
+        return trainer_cls(model=copy.deepcopy(base), args=_args(args_cls, tmp_path / args_cls.__name__),
+                           train_dataset=data, processing_class=tok, peft_config=config)  # fmt: skip
+
+    ours, trl = make(EpsilonDPOTrainer, EpsilonDPOConfig), make(DPOTrainer, DPOConfig)
+    trl.model.load_state_dict(ours.model.state_dict())
+    for trainer in (ours, trl):
+        _perturb(trainer.model, scale=0.3)
+    batch = next(iter(ours.get_train_dataloader()))
+    losses = {}
+    for name, trainer in (("ours", ours), ("trl", trl)):
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses[name] = loss.item()
+    assert abs(losses["trl"] - 0.693147) > 1e-4, "the activated adapter must change the loss"
+    assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
+    ours_grads, trl_grads = _grads(ours.model), _grads(trl.model)
+    assert ours_grads.keys() == trl_grads.keys() and ours_grads
+    for name, want in trl_grads.items():
+        assert want.norm() > 0, name
+        rel = ((ours_grads[name] - want).norm() / want.norm()).item()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+
+
+def test_sequence_sums_are_float64_so_long_completions_keep_their_decisions(tiny_default, tmp_path, monkeypatch):
+    """4096-token completions whose ε-mixes differ from the policy by ~1e-6 nats a token (ε = 0.01 times a per-token
+    log-ratio of 1e-4): fp32 sums of ~2e4 nats round by more than the mixes' whole difference and flip decisions; the
+    trainer's decisions must be those of exact (float64) sums of the same fp32 token log-probs."""
+    import edpo_plugin.trainer.trainer as trainer_module
+    from edpo_plugin.loss import edpo_loss
+    from edpo_plugin.ops import LinearLogprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    trainer = _edpo_trainer(tiny_default, tmp_path, _llama(tok), epsilon=0.01, edpo_head_check=False)
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows, length = batch["input_ids"].shape[0], 4096
+    g = torch.Generator().manual_seed(0)
+    policy = -8 * torch.rand(rows, length, generator=g)
+    delta = 4e-6 * (torch.rand(rows, length, generator=g) - 0.5)
+    streams = LinearLogprobs(policy.requires_grad_(), policy.detach() - 0.1, policy.detach() + delta,
+                             policy.detach() - delta)  # fmt: skip
+    monkeypatch.setattr(trainer_module, "linear_logprobs", lambda *a, **k: streams)
+    seen = []
+    monkeypatch.setattr(trainer_module, "edpo_loss", lambda *a, **k: seen.append(edpo_loss(*a, **k)) or seen[-1])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+
+    (pc, pr), (plc, plr), (mic, mir) = (s.detach().double().sum(-1).chunk(2) for s in streams[:1] + streams[2:])
+    want = decisions64(pc, pr, plc, plr, mic, mir)
+    fp32 = [s.detach().sum(-1).double().chunk(2) for s in (streams.policy, streams.plus, streams.minus)]
+    assert not torch.equal(decisions64(*fp32[0], *fp32[1], *fp32[2]), want), "fp32 sums must flip a decision here"
+    assert torch.equal(seen[0].decisions.double(), want)
+
+
+def test_first_step_check_tolerance_follows_the_pre_cap_logits():
+    """Gemma-2 with fp32 weights under bf16 autocast and pre-cap logits of ~300: bf16 rounding of a logit is
+    ~u·|z_pre| before the cap, so a tolerance from the capped magnitude (≤ 30) falsely refused some seeds; none of
+    twelve is refused, and a real transform error (no cap) still is."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from edpo_plugin.ops import linear_logprobs
+    from edpo_plugin.trainer.head_check import compare_with_model, own_forward_logprobs
+    from edpo_plugin.trainer.model_head import describe_head, forward_to_head
+
+    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0,
+                          sliding_window=8, query_pre_attn_scalar=16)  # fmt: skip
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = Gemma2ForCausalLM(config).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(300.0 / 4)  # tied: pre-cap logits of a few hundred
+        ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(seed))
+        labels = ids[:, 1:]
+        view = describe_head(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            own = own_forward_logprobs(lambda m=model, x=ids: m(input_ids=x).logits, view.module, labels,
+                                       view.transform.scale)  # fmt: skip
+            hidden = forward_to_head(view, lambda m=model, x=ids: m(input_ids=x), ids.shape).hidden[:, :-1]
+            w, _ = view.weight_and_bias()
+            fused = linear_logprobs(hidden, w, labels, ref_hidden=hidden, ref_weight=w, epsilon=0.01,
+                                    transform=view.transform).policy  # fmt: skip
+            uncapped = linear_logprobs(hidden, w, labels, ref_hidden=hidden, ref_weight=w, epsilon=0.01).policy
+        assert (hidden.float() @ w.float().T).abs().max() > 100, "the pre-cap logits must be large for this test"
+        compare_with_model(own, fused, f"seed {seed}")
+        with pytest.raises(HeadMismatchError):
+            compare_with_model(own, uncapped, f"seed {seed}, no cap")

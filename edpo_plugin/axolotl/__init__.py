@@ -30,7 +30,10 @@ class EDPOPlugin(BasePlugin):
         """The validated YAML values of ε-DPO's fields, for ``rl: edpo`` runs only."""
         if cfg.get("trainer_cls") != TRAINER_CLS:
             return None
-        return {arg: cfg[key] for key, arg in CFG_TO_ARGS.items()}
+        args = {arg: cfg[key] for key, arg in CFG_TO_ARGS.items()}
+        if cfg.get("router_aux_loss_coef") is not None:  # a DPOConfig field Axolotl 0.19 never sets
+            args["router_aux_loss_coef"] = cfg["router_aux_loss_coef"]
+        return args
 
     def register(self, cfg: dict[str, Any]) -> None:
         if cfg.get("rl") != "edpo":

@@ -40,6 +40,12 @@ class EDPOArgs(BaseModel):
         default=_DEFAULTS.edpo_head_check,
         description="Check the fused head against the models' own forward on the first micro-batch.",
     )
+    router_aux_loss_coef: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="MoE models: weight of the router load-balancing loss added to the ε-DPO loss (TRL's DPO rule); "
+        "unset keeps TRL's default (0.001), 0 turns it off. Axolotl itself does not pass this field to DPO.",
+    )
 
     @model_validator(mode="before")
     @classmethod

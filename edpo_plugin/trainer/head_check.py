@@ -2,10 +2,12 @@
 
 :mod:`model_head` describes the logits of the architectures it knows; this catches the ones nobody listed (a
 subclass that rescales its logits, a new architecture with a post-head op). On the first training micro-batch the
-trainer takes the row with the shortest prompt, cut 16 completion tokens after it (at most 256 tokens), runs the
-model's own forward on it with a hook capturing the backbone's ``last_hidden_state`` (what training feeds the fused
-head), and compares ``log_softmax(logits)`` with the fused head's stream on that hidden state. Cost: one forward of
-one short row per model (policy and reference), once per run.
+trainer takes the row with the shortest prompt, cut 16 completion tokens after it (at most 256 tokens), and runs it
+twice per model (policy and reference): once the way training runs it (:func:`~edpo_plugin.trainer.model_head.
+forward_to_head`, whose head input feeds the fused head), once as the model's own plain forward, whose
+``log_softmax(logits)`` is the yardstick. Two separate calls, so a training path that differs from the model's
+forward in any way (a hook that does not fire, a rescaled hidden state, a scaled or capped logit) shows up as a
+difference. Cost: two forwards of one short row per model, once per run.
 
 The tolerance follows the arithmetic of the model's own logits: they are rounded to the precision they are computed
 in (bf16 under mixed precision, TF32 when enabled), so a log-prob can move by up to about twice the unit roundoff
@@ -48,49 +50,43 @@ class OwnForward(NamedTuple):
     """What the model's own forward gave on the check row."""
 
     logprobs: torch.Tensor  # float64 [1, L-1]: log_softmax(logits)[labels]
-    hidden: torch.Tensor  # [1, L-1, d]: the input of the output-embedding module, as the model fed it
     roundoff: float  # unit roundoff of the precision the logits were computed in
-    max_logit: float  # largest |logit|
+    max_logit: float  # largest |z| of the logits before and after the transform (pre-cap under a soft cap)
 
 
 def own_forward_logprobs(
-    forward: Callable[[], torch.Tensor], backbone: torch.nn.Module, labels: torch.Tensor
+    forward: Callable[[], torch.Tensor], head_module: torch.nn.Module, labels: torch.Tensor, scale: float = 1.0
 ) -> OwnForward:
-    """Run ``forward()`` (the model's own forward, returning logits ``[1, L, V]``) while capturing the
-    ``last_hidden_state`` its ``backbone`` returns — what the fused head is given in training, so that anything the
-    model does between backbone and softmax (a rescaled hidden state, a scaled or capped logit) shows up as a
-    difference; ``labels`` is ``[1, L-1]``."""
-    captured: list[torch.Tensor] = []
+    """Run ``forward()`` (the model's own forward, returning logits ``[1, L, V]``; ``labels`` is ``[1, L-1]``) and
+    read, through a hook on its output layer ``head_module``, the magnitude of the logits before the transform: a
+    rounding error there reaches the final logits through the transform's slope (``scale``, at most 1 under a soft
+    cap), so the tolerance follows ``max(|z_final|, |scale|·|z_pre|)``."""
+    pre: list[float] = []
+    eps = []
 
-    def grab(_module: torch.nn.Module, _args: tuple, output: object) -> None:
-        hidden = getattr(output, "last_hidden_state", None)
-        if hidden is None and isinstance(output, tuple | list):
-            hidden = output[0]
-        captured.append(hidden.detach())
+    def grab(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        local = output.to_local() if hasattr(output, "to_local") else output
+        pre.append(float(local.detach().abs().max()) if local.numel() else 0.0)
+        eps.append(torch.finfo(local.dtype).eps)  # the output layer's own precision (a bf16 model's bf16 logits)
 
-    handle = backbone.register_forward_hook(grab)
+    handle = head_module.register_forward_hook(grab)
     try:
         logits = forward()
     finally:
         handle.remove()
-    if len(captured) != 1 or captured[0].shape[:2] != logits.shape[:2]:
-        raise HeadMismatchError(
-            f"The model's forward did not run its backbone ({type(backbone).__name__}) once on the full sequence, so "
-            "ε-DPO cannot tell what its logits are. Set edpo_head_check=False only if you know the fused head "
-            "computes this model's log-probs."
-        )
     shifted = logits[:, :-1]
     logprobs = shifted.double().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     # Logits may be upcast after a bf16 matmul (accelerate returns fp32 outputs under autocast), and fp32 matmuls may
-    # run in TF32: their precision is the least of their dtype, the autocast dtype, the head's input and TF32's.
+    # run in TF32: their precision is the least of their dtype, the output layer's, the autocast dtype and TF32's.
     device = logits.device.type
-    eps = [torch.finfo(logits.dtype).eps, torch.finfo(captured[0].dtype).eps]
+    eps.append(torch.finfo(logits.dtype).eps)
     if torch.is_autocast_enabled(device):
         eps.append(torch.finfo(torch.get_autocast_dtype(device)).eps)
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
     if device == "cuda" and tf32:
         eps.append(2.0**-10)  # TF32 keeps 10 mantissa bits
-    return OwnForward(logprobs, captured[0][:, :-1], max(eps) / 2, float(shifted.abs().max()))
+    magnitude = max([float(shifted.abs().max())] + [abs(scale) * p for p in pre])
+    return OwnForward(logprobs, max(eps) / 2, magnitude)
 
 
 def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str) -> float:

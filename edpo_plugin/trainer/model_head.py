@@ -1,16 +1,20 @@
-"""What a causal LM's logits really are, read from the model: backbone, head weight and bias, logit transform.
+"""What a causal LM's logits really are, read from the model: head input, head weight and bias, logit transform.
 
-The fused head never calls ``lm_head``; it needs the model's own objective stated as ``transform(W h + b)`` with
-``h`` the backbone's last hidden state. :func:`describe_head` turns a causal LM — plain, PEFT-wrapped, or inside a
+The fused head never computes the model's logits; it needs the model's own objective stated as ``transform(W h + b)``
+with ``h`` the input the model's own forward gives its output layer. :func:`forward_to_head` runs the model's forward
+(PEFT's ``PeftModel.forward`` and its hooks, a wrapper's or a multimodal model's own routing, MoE router outputs
+included) with the output layer swapped for a capture, so ``h`` is found the model's way, whatever the class calls
+its backbone. :func:`describe_head` turns a causal LM — plain, PEFT-wrapped, or inside a
 DDP / DeepSpeed / FSDP wrapper (pass the unwrapped module) — into a :class:`HeadView`, or refuses with a message
 naming the model class and the field. What it covers:
 
 - the post-head transform by architecture (``model_type``): soft cap ``c·tanh(z/c)`` (Gemma-2/3/3n/4, VaultGemma,
-  NanoChat, RecurrentGemma), ``× logit_scale`` (Cohere family), ``÷ logits_scaling`` (Granite family, and
-  MiniCPM3, which divides the hidden state), ``× logits_scaling`` (HyperCLOVA X), ``× lm_head_multiplier``
+  NanoChat, RecurrentGemma), ``× logit_scale`` (Cohere family), ``÷ logits_scaling`` (Granite family),
+  ``× logits_scaling`` (HyperCLOVA X), ``× lm_head_multiplier``
   (Falcon-H1). The same field name means opposite things in different families (Granite divides by
   ``logits_scaling``, HyperCLOVA X multiplies), so an architecture not listed here that sets any such field is
-  refused rather than guessed;
+  refused rather than guessed. A rescale before the head (MiniCPM3 divides the hidden state) is part of the
+  captured head input, so it needs no entry;
 - PEFT ``modules_to_save`` on ``lm_head``: the policy reads the trained copy, the reference the original module;
 - PEFT trainable tokens on ``lm_head``: the policy reads the base weight with the trained rows merged in
   (differentiable in the delta), the reference the base weight;
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
@@ -59,11 +63,11 @@ _DIVIDE_FIELD = {
     "granitemoe_swa": "logits_scaling",
     "granitemoeshared": "logits_scaling",
     "granitemoehybrid": "logits_scaling",
-    "minicpm3": "logits_scaling",  # divides the hidden state before a bias-free lm_head: the same logits
     "granite4_vision": "logits_scaling",
 }
-# Multimodal wrappers whose forward is a plain lm_head(h) although their text config sets a transform field.
-_PLAIN_WRAPPERS = {"aya_vision", "cohere2_vision"}
+# Plain transform although the config sets a transform field: multimodal wrappers whose forward is lm_head(h), and
+# MiniCPM3, which divides the hidden state before lm_head (the head input forward_to_head captures is already divided).
+_PLAIN_WRAPPERS = {"aya_vision", "cohere2_vision", "minicpm3"}
 # Fields that, set on an architecture not in the tables above, mean its logits are probably not ``W h + b``.
 _TRANSFORM_FIELDS = (
     "final_logit_softcapping",
@@ -85,15 +89,16 @@ WeightReader = Callable[[bool], tuple[torch.Tensor, torch.Tensor | None]]
 class HeadView:
     """A causal LM's logits as ``transform(W h + b)``.
 
-    ``backbone(**batch).last_hidden_state`` is ``h`` (``[B, T, d]``); ``module`` is the output-embedding module
+    ``h`` (``[B, T, d]``) is what :func:`forward_to_head` captures; ``module`` is the output-embedding module
     (``lm_head`` or the PEFT wrapper around it), whose forward the fused head runs as so that ZeRO-3 / FSDP gather
-    it; :meth:`weight_and_bias` reads ``W [V, d]`` and ``b [V]`` and must be called inside that forward.
+    it; :meth:`weight_and_bias` reads ``W [V, d]`` and ``b [V]`` and must be called inside that forward. ``slot`` is
+    ``(parent, attribute)`` under which the model holds ``module``.
     """
 
     causal_lm: torch.nn.Module
-    backbone: torch.nn.Module
     module: torch.nn.Module
     transform: LogitTransform
+    slot: tuple[torch.nn.Module, str]
     _read: WeightReader
 
     def weight_and_bias(self, adapters: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,11 +117,70 @@ def describe_head(model: torch.nn.Module) -> HeadView:
     module = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
     if module is None:
         raise ValueError(f"{name} has no output embeddings (lm_head): ε-DPO's head needs a causal LM head.")
+    if module is causal_lm.get_input_embeddings():
+        raise ValueError(
+            f"{name}'s output embeddings are its input embedding module: ε-DPO cannot capture the head input."
+        )
     transform = logit_transform(causal_lm.config, name)
     read = _head_reader(module, name)
-    if transform.scale != 1.0 and _model_type(causal_lm.config) == "minicpm3" and read(True)[1] is not None:
-        raise ValueError(f"{name} divides the hidden state by logits_scaling before a biased lm_head: not supported.")
-    return HeadView(causal_lm=causal_lm, backbone=causal_lm.base_model, module=module, transform=transform, _read=read)
+    return HeadView(causal_lm=causal_lm, module=module, transform=transform, slot=_slot(causal_lm, module), _read=read)
+
+
+class ForwardToHead(NamedTuple):
+    """What one run of the model's own forward gave, up to its output layer."""
+
+    hidden: torch.Tensor  # [B, T, d]: the input the forward gave its output layer, as it gave it
+    outputs: Any  # the forward's own output (``aux_loss`` of an MoE model, …); its ``logits`` are ``[B, T, 0]``
+
+
+def forward_to_head(view: HeadView, forward: Callable[[], Any], shape: tuple[int, int]) -> ForwardToHead:
+    """Run ``forward()`` — the model's own forward on a ``[B, T]`` batch (``shape``) — with the output layer swapped
+    for a capture that records its input and returns empty ``[B, T, 0]`` logits, so that whatever the forward does
+    before the head (PEFT forward hooks, a decoder reached as ``model.decoder``, a pre-head rescale) is in ``h`` and no
+    ``[B, T, V]`` tensor is built. The real output layer is not called (ZeRO-3 / FSDP do not gather it here).
+
+    Raises ``ValueError`` naming the class when the forward does not call its output layer exactly once on every
+    position."""
+    parent, attribute = view.slot
+    capture = _HeadInputCapture()
+    setattr(parent, attribute, capture)
+    try:
+        outputs = forward()
+    finally:
+        setattr(parent, attribute, view.module)
+    name = type(view.causal_lm).__name__
+    seen = [tuple(h.shape) for h in capture.inputs]
+    if len(seen) != 1 or len(seen[0]) != 3 or seen[0][:2] != tuple(shape):
+        raise ValueError(
+            f"{name}'s forward called its output layer ({attribute}) on inputs of shapes {seen} for a batch of shape "
+            f"{tuple(shape)}; ε-DPO's fused head needs exactly one call on every position. This architecture is not "
+            "supported by rl: edpo."
+        )
+    return ForwardToHead(capture.inputs[0], outputs)
+
+
+class _HeadInputCapture(torch.nn.Module):
+    """Stands in for the output layer during :func:`forward_to_head`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        self.inputs.append(hidden)
+        return hidden.new_zeros((*hidden.shape[:-1], 0))
+
+
+def _slot(causal_lm: torch.nn.Module, module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """``(parent, attribute)`` holding ``module`` inside ``causal_lm``."""
+    for path, candidate in causal_lm.named_modules(remove_duplicate=False):
+        if candidate is module and path:
+            parent_path, _, attribute = path.rpartition(".")
+            return causal_lm.get_submodule(parent_path), attribute
+    raise ValueError(
+        f"{type(causal_lm).__name__}'s output embeddings are not a submodule of the model: ε-DPO cannot capture the "
+        "head input."
+    )
 
 
 def logit_transform(config: Any, model_class: str = "the model") -> LogitTransform:

@@ -28,7 +28,7 @@ from edpo_plugin.loss import BetaController, edpo_loss
 from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
-from edpo_plugin.trainer.model_head import HeadView, describe_head, is_peft_head_wrapper
+from edpo_plugin.trainer.model_head import HeadView, describe_head, forward_to_head, is_peft_head_wrapper
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
     explain_accelerate_refusal,
@@ -65,10 +65,6 @@ class EpsilonDPOTrainer(DPOTrainer):
             super().__init__(*args, **kwargs)
         except ValueError as err:
             raise (explain_accelerate_refusal(err) or err) from err
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "ε-DPO does not add the MoE router auxiliary loss: set router_aux_loss_coef=0.0 for this model."
-            )
         policy_view = describe_head(self.model)  # refuses what the fused head cannot compute exactly
         if self.is_deepspeed_enabled and is_peft_head_wrapper(policy_view):
             from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -99,40 +95,56 @@ class EpsilonDPOTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if not self._head_checked and self.model.training:
             self._head_checked = self._check_head_against_model(model, unwrapped, inputs)
-        if unwrapped is not model or _is_fsdp2(unwrapped):
+        if _is_wrapped(model, unwrapped):
             # DDP / DeepSpeed / FSDP1 wrap the model: run inside the wrapper's forward so that its gradient-sync and
             # ZeRO-3 hooks fire. FSDP2 shards in place and gathers its root unit's parameters (embeddings, final
             # norm, lm_head) only inside the root's forward (and again for its backward): run the loss as that forward.
-            return self._edpo_forward_redirection(model, unwrapped, self._compute_edpo_loss, unwrapped, inputs)
-        return self._compute_edpo_loss(model, inputs)
+            return self._edpo_forward_redirection(model, unwrapped, self._compute_edpo_loss, unwrapped, inputs, True)
+        return self._compute_edpo_loss(model, inputs, False)
 
-    def _compute_edpo_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _head_input(self, model: torch.nn.Module, view: HeadView, kwargs: dict, inside_forward: bool):
+        """The model's own forward up to its output layer (:func:`forward_to_head`), under the accelerator's autocast
+        as the model's own (accelerate-patched) forward runs in TRL's DPO. ``inside_forward``: the wrapper's / root's
+        forward hooks already ran (forward redirection), so the model's ``forward`` is called directly."""
+        run = model.forward if inside_forward else model
+        with self.accelerator.autocast():
+            return forward_to_head(view, lambda: run(**kwargs), kwargs["input_ids"].shape)
+
+    def _reference_head_input(
+        self, model: torch.nn.Module, view: HeadView, kwargs: dict, inside_forward: bool, gathered: contextlib.ExitStack
+    ) -> tuple[torch.Tensor, HeadView, bool]:
+        """``(h_ref [B, T, d], reference HeadView, whether its weights are read with adapters)``, without grad. A
+        reference sharded by FSDP keeps its root unit (and an lm_head unit) gathered in ``gathered`` until the head
+        has read it."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                # PEFT: the reference is the policy with its adapters disabled (or TRL's "ref" adapter)
+                with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                    return self._head_input(model, view, kwargs, inside_forward).hidden, view, False
+            gathered.enter_context(_fsdp_unit_gathered(self.ref_model))
+            ref_unwrapped = self.accelerator.unwrap_model(self.ref_model)
+            ref_view = describe_head(ref_unwrapped)
+            hidden = self._head_input(ref_unwrapped, ref_view, kwargs, False).hidden
+            gathered.enter_context(_fsdp_unit_gathered(ref_view.module))  # lm_head as its own FSDP unit
+            return hidden, ref_view, True
+
+    def _compute_edpo_loss(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], inside_forward: bool
+    ) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
 
         view = describe_head(model)
-        # The backbone runs under the accelerator's autocast, as the model's own (accelerate-patched) forward does
-        # in TRL's DPO; the head computes in fp32 whatever the autocast state.
-        with self.accelerator.autocast():
-            hidden = view.backbone(**model_kwargs).last_hidden_state[:, :-1]
-
-        # The reference head is read in the forward only (its streams carry no gradient), so the root unit (and an
-        # lm_head unit) of a reference sharded by FSDP is gathered until the head has run, then resharded.
+        # MoE: the policy's own forward returns its router auxiliary loss (as in TRL's DPO; the reference's is unused)
+        policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
+        policy_forward = self._head_input(model, view, policy_kwargs, inside_forward)
+        hidden = policy_forward.hidden[:, :-1]
         ref_gathered = contextlib.ExitStack()
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None:
-                # PEFT: the reference is the policy with its adapters disabled (or TRL's "ref" adapter)
-                with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-                    with self.accelerator.autocast():
-                        ref_hidden = view.backbone(**model_kwargs).last_hidden_state[:, :-1]
-                ref_view, ref_adapters = view, False
-            else:
-                ref_gathered.enter_context(_fsdp_unit_gathered(self.ref_model))
-                ref_view, ref_adapters = describe_head(self.accelerator.unwrap_model(self.ref_model)), True
-                with self.accelerator.autocast():
-                    ref_hidden = ref_view.backbone(**model_kwargs).last_hidden_state[:, :-1]
-                ref_gathered.enter_context(_fsdp_unit_gathered(ref_view.module))  # lm_head as its own FSDP unit
+        ref_hidden, ref_view, ref_adapters = self._reference_head_input(
+            model, view, model_kwargs, inside_forward, ref_gathered
+        )
+        ref_hidden = ref_hidden[:, :-1]
 
         completion = inputs["completion_mask"][:, 1:].bool()
         labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
@@ -163,8 +175,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         ref_head_params = () if ref_view.module is view.module else tuple(ref_view.module.parameters())
         with ref_gathered, maybe_gather_lm_head_ctx(*ref_head_params):
             streams = _run_as_forward_of(view.module, head_streams)
-        # Sequence sums in float64: the decisions compare sums that differ by O(ε) and must not flip by rounding.
-        policy, ref_lp, plus, minus = (s.double().sum(-1).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
+        policy, ref_lp, plus, minus = (sequence_logps(s).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
         out = edpo_loss(
             policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
             beta=self.beta_controller.beta,
@@ -178,6 +189,11 @@ class EpsilonDPOTrainer(DPOTrainer):
         contributes = (n_completion[0] > 0) & (n_completion[1] > 0)
         n_pairs = contributes.sum()
         loss = ((out.losses * contributes).sum() / n_pairs.clamp(min=1)).float()
+        # None where the model's forward computes no auxiliary loss (Llama4ForCausalLM): its objective has none
+        aux_loss = getattr(policy_forward.outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         if not self._warned_empty_completion and not bool(contributes.all()):
             self._warned_empty_completion = True
             logger.warning(
@@ -251,43 +267,59 @@ class EpsilonDPOTrainer(DPOTrainer):
         return out
 
     def _check_head_against_model(self, model, unwrapped, inputs) -> bool:
-        """The first-step check (``edpo_head_check``): the fused head against the policy's and the reference's own
-        forward on one short row (see ``head_check.py``). Runs on every rank's first training micro-batch (its
+        """The first-step check (``edpo_head_check``): on one short row, the fused head on the head input training
+        reads (the same call path as :meth:`_compute_edpo_loss`) against the policy's and the reference's own plain
+        forward — two separate calls (see ``head_check.py``). Runs on every rank's first training micro-batch (its
         forwards take the same collectives everywhere); returns True."""
         ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         labels = ids[:, 1:]
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        wrapped = _is_wrapped(model, unwrapped)
 
         def fused(view: HeadView, hidden: torch.Tensor, adapters: bool) -> torch.Tensor:
             weight, bias = view.weight_and_bias(adapters=adapters)
             return linear_logprobs(
-                hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, bias=bias, ref_bias=bias,
-                epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
+                hidden[:, :-1], weight, labels, ref_hidden=hidden[:, :-1], ref_weight=weight, bias=bias,
+                ref_bias=bias, epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk, vocab_chunk=self.args.edpo_head_vocab_chunk,
             ).policy  # fmt: skip
 
-        def own_forward(module):
-            return lambda: module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        def own(forward_model: torch.nn.Module, view: HeadView):
+            forward = lambda: forward_model(**kwargs).logits  # noqa: E731
+            return own_forward_logprobs(forward, view.module, labels, view.transform.scale)
 
-        checks = []
+        def training_path(kw: dict) -> tuple[torch.Tensor, HeadView, bool]:
+            view = describe_head(unwrapped)
+            policy = self._head_input(unwrapped, view, kw, wrapped).hidden
+            with contextlib.ExitStack() as gathered:
+                ref = self._reference_head_input(unwrapped, view, kw, wrapped, gathered)
+            return policy, ref
+
         with torch.no_grad(), self.accelerator.autocast():
             view = describe_head(unwrapped)
-            own = own_forward_logprobs(own_forward(model), view.backbone, labels)
+            if wrapped:
+                policy_hidden, (ref_hidden, ref_view, ref_adapters) = self._edpo_forward_redirection(
+                    model, unwrapped, training_path, kwargs
+                )
+            else:
+                policy_hidden, (ref_hidden, ref_view, ref_adapters) = training_path(kwargs)
+            checks = []
+            own_policy = own(model, view)
             with _fsdp_unit_gathered(model):
-                got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, True))
-            checks.append((own, got, f"{type(view.causal_lm).__name__} (policy)"))
+                got = _run_as_forward_of(view.module, lambda: fused(view, policy_hidden, True))
+            checks.append((own_policy, got, f"{type(view.causal_lm).__name__} (policy)"))
             if self.ref_model is None:
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    own = own_forward_logprobs(own_forward(model), view.backbone, labels)
+                    own_ref = own(model, view)
                 with _fsdp_unit_gathered(model):
-                    got = _run_as_forward_of(view.module, lambda: fused(view, own.hidden, False))
+                    got = _run_as_forward_of(view.module, lambda: fused(view, ref_hidden, False))
             else:
-                ref_view = describe_head(self.accelerator.unwrap_model(self.ref_model))
-                own = own_forward_logprobs(own_forward(self.ref_model), ref_view.backbone, labels)
-                with _fsdp_unit_gathered(self.ref_model):
-                    got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, own.hidden, True))
-            checks.append((own, got, f"{type(view.causal_lm).__name__} (reference)"))
-        for own, got, what in checks:
-            worst = compare_with_model(own, got, what)
+                own_ref = own(self.ref_model, ref_view)
+                with _fsdp_unit_gathered(self.ref_model), _fsdp_unit_gathered(ref_view.module):
+                    got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, ref_hidden, ref_adapters))
+            checks.append((own_ref, got, f"{type(view.causal_lm).__name__} (reference)"))
+        for own_forward, got, what in checks:
+            worst = compare_with_model(own_forward, got, what)
             logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
         return True
 
@@ -366,6 +398,17 @@ class _BetaUpdateCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         # Integrations (Axolotl) may save the final model without ``save_model``: keep the final β beside it.
         self._trainer._save_edpo_state(args.output_dir)
+
+
+def sequence_logps(token_logps: torch.Tensor) -> torch.Tensor:
+    """float64 ``[B]``: per-sequence sums of ``[B, T]`` token log-probs. float64 because the decisions compare sums
+    that differ by O(ε) and must not flip by rounding (fp32 sums of a few thousand tokens do)."""
+    return token_logps.double().sum(-1)
+
+
+def _is_wrapped(model: torch.nn.Module, unwrapped: torch.nn.Module) -> bool:
+    """Whether the loss must run inside ``model``'s forward (a DDP / DeepSpeed / FSDP1 wrapper, or an FSDP2 root)."""
+    return unwrapped is not model or _is_fsdp2(unwrapped)
 
 
 def _is_fsdp2(module: torch.nn.Module) -> bool:
