@@ -318,3 +318,14 @@ def test_triton_mix_lse_statistics_against_float64(shared, monkeypatch):
     got = row_max.double() + row_logsum.double()
     assert _rel(got, want) <= 1e-6
     assert (row_logsum >= 0).all() and (row_logsum <= torch.log(torch.tensor(601.0))).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS_HERE)
+@pytest.mark.parametrize("bad", [-1, 70, 1000])
+def test_label_outside_the_vocabulary_is_refused(impl, bad):
+    """A label outside [0, V) that is not ignore_index raises a ValueError naming it, on every implementation."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 16, generator=g), torch.randn(70, 16, generator=g)
+    labels = torch.tensor([1, -100, 5, bad, 3, 2])
+    with pytest.raises(ValueError, match=rf"labels hold {bad}, outside the vocabulary \[0, 70\)"):
+        linear_logprobs(h, w, labels, ref_hidden=h, ref_weight=w, epsilon=0.1, impl=impl)

@@ -274,6 +274,7 @@ def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_p
     """Axolotl's `chat_template.default` DPO strategy with a template that writes `bos_token` (Llama-3-Instruct
     style) yields prompts TRL 1.9 tokenizes to [bos, bos, …]; the trainer's batch loss equals the one of the same
     rows rendered without the written BOS (where the tokenizer adds the only one)."""
+    pytest.importorskip("axolotl", reason="the plain-TRL environment has no Axolotl")
     from axolotl.prompt_strategies.dpo.chat_template import default as chat_template_default
     from datasets import Dataset
     from make_tiny_default import CHATML_TEMPLATE  # scripts/ is on sys.path (tiny_default fixture)

@@ -111,7 +111,7 @@ def linear_logprobs(
         ``hidden``, and to ``weight``/``bias`` when they require grad. Computed in fp32 with autocast disabled,
         whatever the input dtype and the caller's autocast state.
     """
-    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias)
+    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index)
     if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
         return dtensor_linear_logprobs(
             hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=epsilon, bias=bias,
@@ -149,6 +149,7 @@ def _check_inputs(
     epsilon: float,
     bias: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
+    ignore_index: int,
 ) -> None:
     if not 0.0 < float(epsilon) < 1.0:
         raise ValueError(f"epsilon must lie strictly between 0 and 1, got {epsilon!r}.")
@@ -168,3 +169,10 @@ def _check_inputs(
     for name, b in (("bias", bias), ("ref_bias", ref_bias)):
         if b is not None and b.shape != (weight.shape[0],):
             raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")
+    vocab = weight.shape[0]  # the whole vocabulary, also for a vocab-sharded DTensor
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):  # one device sync; an out-of-range label would give NaN (Triton) or a bare index error
+        raise ValueError(
+            f"labels hold {int(labels[outside][0])}, outside the vocabulary [0, {vocab}) and not ignore_index="
+            f"{ignore_index}: check the tokenizer against the model's lm_head (vocab_size)."
+        )
