@@ -39,6 +39,12 @@ def _trainer(tiny, out, n_rows=16, peft_config=None, dataset=None, **overrides) 
                              processing_class=tok, peft_config=peft_config)  # fmt: skip
 
 
+def _fresh64(tiny, model: torch.nn.Module) -> torch.nn.Module:
+    fresh = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float64)
+    fresh.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    return fresh
+
+
 def _kl_logs(trainer) -> list[dict]:
     return [h for h in trainer.state.log_history if "kl/beta" in h]
 
@@ -65,8 +71,9 @@ def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_pat
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    model64 = copy.deepcopy(trainer.model).double()
-    ref64 = copy.deepcopy(trainer.ref_model).double()
+    # The yardstick models are fresh float64 loads given the trainer's weights, not deep copies of models the trainer
+    # has touched (with TRL 1.16 / transformers 5.24 such a copy's embedding gets no gradient).
+    model64, ref64 = (_fresh64(tiny_default, m) for m in (trainer.model, trainer.ref_model))
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
@@ -79,9 +86,12 @@ def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_pat
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     n_checked = 0
-    for (name, p), p64 in zip(trainer.model.named_parameters(), model64.parameters()):
+    params64 = dict(model64.named_parameters())
+    for name, p in trainer.model.named_parameters():
         if p.grad is None:
             continue
+        p64 = params64[name]
+        assert p64.grad is not None, f"{name}: the float64 yardstick got no gradient"
         rel = ((p.grad.double() - p64.grad).norm() / p64.grad.norm()).item()
         assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
         n_checked += 1

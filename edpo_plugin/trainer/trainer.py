@@ -124,7 +124,9 @@ class EpsilonDPOTrainer(DPOTrainer):
             gathered.enter_context(_fsdp_unit_gathered(self.ref_model))
             ref_unwrapped = self.accelerator.unwrap_model(self.ref_model)
             ref_view = describe_head(ref_unwrapped)
-            hidden = self._head_input(ref_unwrapped, ref_view, kwargs, False).hidden
+            # its forward is called directly: a DeepSpeed engine's / FSDP2 root's hooks are not to fire outside the
+            # engine's own forward (the root unit is gathered above; nested units gather in their own forward)
+            hidden = self._head_input(ref_unwrapped, ref_view, kwargs, True).hidden
             gathered.enter_context(_fsdp_unit_gathered(ref_view.module))  # lm_head as its own FSDP unit
             return hidden, ref_view, True
 
