@@ -379,7 +379,12 @@ def test_moe_router_aux_loss_equals_trl_dpo(tiny_default, tmp_path, case):
     losses = {}
     for name, trainer in trainers.items():
         trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
+        try:
+            loss = trainer.compute_loss(trainer.model, batch)
+        except AttributeError as err:  # TRL >= 1.10's fused DPO head reads base_model(...).last_hidden_state
+            if name == "trl" and "last_hidden_state" in str(err):
+                pytest.skip(f"this TRL's DPOTrainer cannot run {type(base).__name__} (the yardstick fails: {err})")
+            raise
         loss.backward()
         losses[name] = loss.item()
     assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
