@@ -150,6 +150,7 @@ def _check_inputs(
     bias: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
     ignore_index: int,
+    check_labels: bool = True,
 ) -> None:
     if not 0.0 < float(epsilon) < 1.0:
         raise ValueError(f"epsilon must lie strictly between 0 and 1, got {epsilon!r}.")
@@ -169,6 +170,8 @@ def _check_inputs(
     for name, b in (("bias", bias), ("ref_bias", ref_bias)):
         if b is not None and b.shape != (weight.shape[0],):
             raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")
+    if not check_labels:  # a local vocabulary shard: linear_logprobs checked against the whole vocabulary
+        return
     vocab = weight.shape[0]  # the whole vocabulary, also for a vocab-sharded DTensor
     outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(outside.any()):  # one device sync; an out-of-range label would give NaN (Triton) or a bare index error
