@@ -122,3 +122,16 @@ def test_axolotl_train_tiny_moe_with_router_aux_loss(tiny_default, tmp_path):
     assert len(train) == STEPS and all(h["aux_loss"] > 0 for h in train), train
     want = beta_trajectory64(0.1, 0.1, [[h["kl/avg_steps"]] for h in train])
     assert [h["kl/beta"] for h in train] == pytest.approx(want[:-1], rel=1e-12)
+
+
+def test_axolotl_lora_runs_of_one_config_are_identical(tiny_default, tmp_path):
+    """Axolotl's DPO path leaves the LoRA initialisation unseeded; the plugin seeds it with the YAML `seed`, so two
+    runs of one LoRA config log the same losses and decisions (they differed before, and a 6-step run could then move
+    no β at all)."""
+
+    def history(out: Path) -> list[tuple[float, float]]:
+        logs = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+        return [(h["loss"], h["kl/avg_steps"]) for h in logs if "loss" in h]
+
+    first, second = (history(_run(tiny_default, "tiny-edpo-lora.yaml", tmp_path / name)) for name in ("a", "b"))
+    assert len(first) == STEPS and first == second

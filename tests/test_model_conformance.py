@@ -944,3 +944,37 @@ def test_multimodal_wrappers_are_looked_up_by_their_own_model_type(config_cls, w
     paligemma = transformers.PaliGemmaConfig(text_config={"model_type": "gemma2"})
     with pytest.raises(ValueError, match="wraps a 'gemma2' text model"):
         logit_transform(paligemma, "PaliGemmaForConditionalGeneration")
+
+
+def test_forward_to_head_builds_no_logits_and_never_calls_the_real_head():
+    """The capture stands in for the output layer: the forward's logits are [B, T, 0] and the real lm_head (hook
+    counted) is not called, so nothing [B, T, V] is built and ZeRO-3 / FSDP gather no head there; afterwards the model
+    holds its own lm_head again."""
+    model = _build(ARCH_BY_ID["llama-untied"])
+    view = describe_head(model)
+    ids, mask, _ = _batch()
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = forward_to_head(view, lambda: model(input_ids=ids, attention_mask=mask), ids.shape)
+    finally:
+        handle.remove()
+    assert not calls and got.outputs.logits.shape == (*ids.shape, 0) and got.hidden.shape == (*ids.shape, 32)
+    assert model.lm_head is view.module and model.get_output_embeddings() is view.module
+
+
+class _TwoHeadCallsLlama(transformers.LlamaForCausalLM):
+    """A forward that calls its output layer on the last position only, then again on every position."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.lm_head(hidden[:, -1:])
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
+def test_forward_that_does_not_call_its_head_once_on_every_position_is_refused():
+    model = _TwoHeadCallsLlama(transformers.LlamaConfig(**{k: v for k, v in COMMON.items()}))
+    ids, mask, _ = _batch()
+    with pytest.raises(ValueError, match=r"_TwoHeadCallsLlama's forward called its output layer \(lm_head\) on inputs "
+                       r"of shapes \[\(2, 1, 32\), \(2, 12, 32\)\]"):  # fmt: skip
+        forward_to_head(describe_head(model), lambda: model(input_ids=ids, attention_mask=mask), ids.shape)

@@ -84,6 +84,27 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _one_step_losses(trainers: dict, batch: dict) -> dict[str, float]:
+    """Loss of each trainer's ``compute_loss`` on ``batch`` (training mode), with ``backward`` run."""
+    losses = {}
+    for name, trainer in trainers.items():
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses[name] = loss.item()
+    return losses
+
+
+def _assert_same_gradients(ours: torch.nn.Module, trl: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter TRL's step gave a gradient has ours within 1e-4 relative, and no other; returns ours."""
+    ours_grads, trl_grads = _grads(ours), _grads(trl)
+    assert ours_grads.keys() == trl_grads.keys() and ours_grads
+    for name, want in trl_grads.items():
+        rel = ((ours_grads[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
+        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    return ours_grads
+
+
 CASES = {
     "gemma2-softcap": (_gemma2, None),
     "cohere-logit_scale": (_cohere, None),
@@ -118,20 +139,10 @@ def test_loss_and_gradients_equal_trl_dpo(tiny_default, tmp_path, case):
         head = ours.model.base_model.model.lm_head
         assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
 
-    batch = next(iter(ours.get_train_dataloader()))
-    losses = {}
-    for name, trainer in (("ours", ours), ("trl", trl)):
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        losses[name] = loss.item()
+    losses = _one_step_losses({"ours": ours, "trl": trl}, next(iter(ours.get_train_dataloader())))
     assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
     assert abs(losses["trl"] - 0.6931) > 1e-4, "policy equal to reference proves nothing"
-    ours_grads, trl_grads = _grads(ours.model), _grads(trl.model)
-    assert ours_grads.keys() == trl_grads.keys() and ours_grads
-    for name, want in trl_grads.items():
-        rel = ((ours_grads[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
-        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    _assert_same_gradients(ours.model, trl.model)
 
 
 class _ScaledLogitsLlama(LlamaForCausalLM):
@@ -376,17 +387,12 @@ def test_moe_router_aux_loss_equals_trl_dpo(tiny_default, tmp_path, case):
         trainers[name] = trainer_cls(model=copy.deepcopy(base), ref_model=copy.deepcopy(ref), args=args,
                                      train_dataset=data, processing_class=tok)  # fmt: skip
     batch = next(iter(trainers["ours"].get_train_dataloader()))
-    losses = {}
-    for name, trainer in trainers.items():
-        trainer.model.train()
-        try:
-            loss = trainer.compute_loss(trainer.model, batch)
-        except AttributeError as err:  # TRL >= 1.10's fused DPO head reads base_model(...).last_hidden_state
-            if name == "trl" and "last_hidden_state" in str(err):
-                pytest.skip(f"this TRL's DPOTrainer cannot run {type(base).__name__} (the yardstick fails: {err})")
-            raise
-        loss.backward()
-        losses[name] = loss.item()
+    try:
+        losses = _one_step_losses(trainers, batch)
+    except AttributeError as err:  # TRL >= 1.10's fused DPO head reads base_model(...).last_hidden_state
+        if "last_hidden_state" in str(err):
+            pytest.skip(f"this TRL's DPOTrainer cannot run {type(base).__name__} (the yardstick fails: {err})")
+        raise
     assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
     logged = trainers["ours"]._metrics["train"]["aux_loss"]
     if trl_coef:
@@ -394,11 +400,8 @@ def test_moe_router_aux_loss_equals_trl_dpo(tiny_default, tmp_path, case):
         assert logged == pytest.approx(trainers["trl"]._metrics["train"]["aux_loss"], rel=1e-6)
     else:
         assert not logged
-    ours_grads, trl_grads = _grads(trainers["ours"].model), _grads(trainers["trl"].model)
-    assert ours_grads.keys() == trl_grads.keys() and any("gate" in n or "router" in n for n in ours_grads)
-    for name, want in trl_grads.items():
-        rel = ((ours_grads[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
-        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    ours_grads = _assert_same_gradients(trainers["ours"].model, trainers["trl"].model)
+    assert any("gate" in n or "router" in n for n in ours_grads)
 
 
 def test_activated_lora_equals_trl_dpo(tiny_default, tmp_path):
@@ -422,21 +425,11 @@ def test_activated_lora_equals_trl_dpo(tiny_default, tmp_path):
     trl.model.load_state_dict(ours.model.state_dict())
     for trainer in (ours, trl):
         _perturb(trainer.model, scale=0.3)
-    batch = next(iter(ours.get_train_dataloader()))
-    losses = {}
-    for name, trainer in (("ours", ours), ("trl", trl)):
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        losses[name] = loss.item()
+    losses = _one_step_losses({"ours": ours, "trl": trl}, next(iter(ours.get_train_dataloader())))
     assert abs(losses["trl"] - 0.693147) > 1e-4, "the activated adapter must change the loss"
     assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
-    ours_grads, trl_grads = _grads(ours.model), _grads(trl.model)
-    assert ours_grads.keys() == trl_grads.keys() and ours_grads
-    for name, want in trl_grads.items():
-        assert want.norm() > 0, name
-        rel = ((ours_grads[name] - want).norm() / want.norm()).item()
-        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+    ours_grads = _assert_same_gradients(ours.model, trl.model)
+    assert all(g.norm() > 0 for g in ours_grads.values()), "every LoRA factor must get a gradient"
 
 
 def test_sequence_sums_are_float64_so_long_completions_keep_their_decisions(tiny_default, tmp_path, monkeypatch):
@@ -494,12 +487,15 @@ def test_first_step_check_tolerance_follows_the_pre_cap_logits():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             own = own_forward_logprobs(lambda m=model, x=ids: m(input_ids=x).logits, view.module, labels,
                                        view.transform.scale)  # fmt: skip
-            hidden = forward_to_head(view, lambda m=model, x=ids: m(input_ids=x), ids.shape).hidden[:, :-1]
+            full = forward_to_head(view, lambda m=model, x=ids: m(input_ids=x), ids.shape).hidden
+            hidden = full[:, :-1]
             w, _ = view.weight_and_bias()
             fused = linear_logprobs(hidden, w, labels, ref_hidden=hidden, ref_weight=w, epsilon=0.01,
                                     transform=view.transform).policy  # fmt: skip
             uncapped = linear_logprobs(hidden, w, labels, ref_hidden=hidden, ref_weight=w, epsilon=0.01).policy
-        assert (hidden.float() @ w.float().T).abs().max() > 100, "the pre-cap logits must be large for this test"
+        pre_cap = float((full.double() @ w.double().T).abs().max())  # the head input times W, in float64
+        assert pre_cap > 100, "the pre-cap logits must be large for this test"
+        assert own.max_logit == pytest.approx(pre_cap, rel=2e-2), "the tolerance must follow the pre-cap logits"
         compare_with_model(own, fused, f"seed {seed}")
         with pytest.raises(HeadMismatchError):
             compare_with_model(own, uncapped, f"seed {seed}, no cap")

@@ -35,6 +35,14 @@ class EDPOPlugin(BasePlugin):
             args["router_aux_loss_coef"] = cfg["router_aux_loss_coef"]
         return args
 
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Seed the adapter's initialisation with the YAML ``seed``: Axolotl's DPO path does not, so two LoRA runs of
+        one config started from different random adapters."""
+        if cfg.get("trainer_cls") == TRAINER_CLS and cfg.get("seed") is not None:
+            from transformers import set_seed
+
+            set_seed(int(cfg["seed"]))
+
     def register(self, cfg: dict[str, Any]) -> None:
         if cfg.get("rl") != "edpo":
             return

@@ -107,7 +107,9 @@ def vocab_parallel_linear_logprobs(
     """
     from edpo_plugin.ops import LinearLogprobs, _check_inputs, resolve_impl
 
-    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index, False)
+    _check_inputs(
+        hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index, check_labels=False
+    )
     if vocab_start < 0:
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}.")
     if token_chunk < 1 or vocab_chunk < 1:
