@@ -59,6 +59,9 @@ class Arch:
     target: float = 8.0  # max |W h + b| before the transform, set by scaling the output embedding
     drop: tuple[str, ...] = ()  # COMMON keys this config does not take
     norm_params: bool = True  # False where the final norm has no weight (NanoChat)
+    # Set for a wrapper whose config nests the text model's: the small-model kwargs become ``text_config`` and these
+    # are the wrapper config's own kwargs.
+    outer: dict | None = None
     slow: bool = False
     # "required": the architectures this suite must cover; "table": others model_head.py's table names;
     # "extra": other common fine-tuning targets (plain logits) that are cheap to add.
@@ -71,6 +74,13 @@ class Arch:
 
 _TWO = dict(num_hidden_layers=2)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+_OMNI_OUTER = dict(
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32),
+    audio_config=dict(encoder_layers=1, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=32,
+                      num_mel_bins=8),
+    vision_start_token_id=VOCAB - 1,
+)  # fmt: skip
 _GRANITE_MUP = dict(logits_scaling=8.0, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.125)
 
 ARCHS = [
@@ -405,6 +415,27 @@ ARCHS += [
         dict(cross_attention_layers=[]),
         group="decoder",
     ),  # fmt: skip
+    # The Omni thinkers: text + vision + audio encoders, the text stack reached as ``self.model``; their forward reads
+    # vision_start_token_id even for text-only input, so the tiny config sets it (real checkpoints carry it).
+    Arch(
+        "qwen2.5-omni-thinker",
+        "qwen2_5_omni",
+        "Qwen2_5OmniThinkerConfig",
+        "Qwen2_5OmniThinkerForConditionalGeneration",
+        dict(rope_parameters=_MROPE),
+        drop=("head_dim",),
+        outer=_OMNI_OUTER,
+        group="decoder",
+    ),  # fmt: skip
+    Arch(
+        "qwen3-omni-moe-thinker",
+        "qwen3_omni_moe",
+        "Qwen3OmniMoeThinkerConfig",
+        "Qwen3OmniMoeThinkerForConditionalGeneration",
+        dict(rope_parameters=_MROPE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        outer=_OMNI_OUTER,
+        group="decoder",
+    ),  # fmt: skip
 ]
 ARCH_BY_ID = {a.id: a for a in ARCHS}
 
@@ -452,7 +483,7 @@ def _build(arch: Arch, seed: int = 0) -> torch.nn.Module:
     kwargs.update(arch.kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = config_cls(**kwargs)
+        config = config_cls(**kwargs) if arch.outer is None else config_cls(text_config=kwargs, **arch.outer)
         config._attn_implementation = "eager"
         torch.manual_seed(seed)
         model = model_cls(config).float().eval()
