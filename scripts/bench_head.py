@@ -7,14 +7,14 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
 
     python scripts/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
-    python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # everything issue 10 asks for
+    python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # what scripts/gpu_suite.sh runs
 
-``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, naive/chunked/triton (default blocks, two wider-tile
-settings and the two-pass direction) and Liger's
+``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256: naive, chunked, triton and auto, TRL's
+``ChunkedLogProbFunction`` as a DPO head (policy with gradient + reference; needs ``trl>=1.16``) and Liger's
 ``LigerFusedLinearDPOLoss``, frozen and trainable heads, plus the measured bf16 GEMM rate of this GPU (a
 ``[N, d] × [d, 16384]`` matmul) that each row's TFLOP/s is compared with, and the Triton self-check's verdict.
 TFLOP/s counts the useful matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for
-every implementation), not the extra tensor-core work of the Triton path's two-term bf16 dots.
+every implementation).
 
 Prints a table and writes JSON (``--json``).
 """
@@ -61,7 +61,16 @@ def run_one(args: argparse.Namespace) -> dict:
     labels = torch.randint(0, v, (n,), device=device)
     upstream = torch.randn(n, device=device)
 
-    if args.impl == "liger":
+    if args.impl == "trl-chunked":
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+        def step() -> None:  # what TRL 1.16's DPO computes: the policy's log-probs with grad, the reference's without
+            with torch.no_grad():
+                ChunkedLogProbFunction.apply(ref_hidden, ref_weight, None, labels, 1.0, chunk, None, 1.0, ())
+            logps = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, chunk, None, 1.0, ())[0]
+            (logps * upstream).sum().backward()
+    elif args.impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
         liger = LigerFusedLinearDPOLoss(beta=0.1)
@@ -158,7 +167,6 @@ def main() -> None:
     p.add_argument("--liger", action="store_true", help="also time TRL/Liger's LigerFusedLinearDPOLoss")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-suite", action="store_true", help="the full GPU run of issue 10 (see the docstring)")
-    p.add_argument("--triton-blocks", default="", help="extra Triton rows with EDPO_TRITON_BLOCKS=M,V,D; ';'-separated")
     p.add_argument("--json", default="bench_head.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -170,32 +178,23 @@ def main() -> None:
         return
     if args.gpu_suite:
         args.device, args.dtype, args.tokens, args.dim, args.vocab = "cuda", "bf16", 8192, 4096, 128256
-        args.impls, args.heads, args.liger, args.repeats = "naive,chunked,triton", "frozen,trainable", True, 5
-        # the direction's read-modify-write traffic falls with BLOCK_V (docs/benchmarks.md): try wider tiles too
-        args.triton_blocks = args.triton_blocks or "32,128,32;64,128,32"
+        args.impls, args.heads, args.liger = "naive,chunked,triton,auto,trl-chunked", "frozen,trainable", True
+        args.repeats = 5
     extra = {}
     if args.device.startswith("cuda"):
         extra["bf16_matmul_tflops"] = bf16_matmul_tflops(args.tokens, args.dim)
         if "triton" in args.impls.split(","):
             extra["triton_self_check_passed"] = triton_self_check(args.dtype)
 
-    impls = [(i, None) for i in args.impls.split(",")] + ([("liger", None)] if args.liger else [])
-    impls += [("triton", b) for b in args.triton_blocks.split(";") if b]
-    if args.gpu_suite:
-        impls.append(("triton", "two_pass"))  # the two-kernel direction (EDPO_TRITON_DIRECTION=two_pass)
+    impls = args.impls.split(",") + (["liger"] if args.liger else [])
     rows = []
     for head in args.heads.split(","):
-        for impl, blocks in impls:
+        for impl in impls:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--head", head, "--device", args.device,
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim", str(args.dim),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
-            env = dict(os.environ)
-            if blocks == "two_pass":
-                env["EDPO_TRITON_DIRECTION"] = "two_pass"
-            elif blocks:
-                env["EDPO_TRITON_BLOCKS"] = blocks
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            name = impl if blocks is None else f"triton[{blocks}]"
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            name = impl
             if done.returncode != 0:  # keep going: one failing variant must not lose the others' numbers
                 print(done.stderr[-3000:], file=sys.stderr)
                 rows.append({"impl": name, "head": head, "error": done.stderr[-3000:]})

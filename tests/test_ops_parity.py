@@ -139,13 +139,9 @@ def test_parity_with_float64(case: Case, impl: str):
     _check_case(case, impl)
 
 
-# Under TRITON_INTERPRET=1 (CPU) the kernels run with fp32 dots on upcast operands, but values the GPU path rounds
-# to bf16 before a dot (softmax weights, the logit gradient) are rounded the same way here.
+# Under TRITON_INTERPRET=1 (CPU) the fold kernels run as on a GPU, only with the interpreter's large blocks; the
+# engine's GEMMs are the same PyTorch calls as impl="chunked".
 TRITON_CASES = [c for c in CASES if c.seqs * c.seq_len * c.vocab <= 40_000]
-# Several vocabulary splits (the direction workspace merged by the epilogue kernel) with small tiles, for the fused
-# direction and the two-pass one (EDPO_TRITON_DIRECTION=two_pass).
-# case23 (bf16, V = 17, one split) is the case whose hidden gradient needs the two-term softmax weights.
-SPLIT_CASES = [c for c in TRITON_CASES if c.vocab >= 101][:4] + [c for c in TRITON_CASES if c.seed == 23]
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -154,27 +150,81 @@ def test_triton_parity_with_float64(case: Case):
     _check_case(case, "triton")
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize("direction", ["fused", "two_pass"])
-@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"case{c.seed}" for c in SPLIT_CASES])
-def test_triton_parity_with_several_vocabulary_splits(case: Case, direction: str, monkeypatch):
-    monkeypatch.setenv("EDPO_TRITON_DIRECTION", direction)
-    monkeypatch.setenv("EDPO_TRITON_SPLITS", "3")
-    monkeypatch.setenv("EDPO_TRITON_BLOCKS", "16,32,16")  # 16-row blocks, 32-column tiles: ≥ 3 tiles per row
-    _check_case(case, "triton")
-
-
 def test_triton_cases_cover_the_head_configurations():
-    for cases in (TRITON_CASES, SPLIT_CASES):
-        assert {c.dtype for c in cases} == {torch.float32, torch.bfloat16}
-        assert {c.shared for c in cases} == {True, False}
-        assert {c.trainable_head for c in cases} == {True, False}
-        assert {c.bias for c in cases} == {True, False}
+    assert {c.dtype for c in TRITON_CASES} == {torch.float32, torch.bfloat16}
+    assert {c.shared for c in TRITON_CASES} == {True, False}
+    assert {c.trainable_head for c in TRITON_CASES} == {True, False}
+    assert {c.bias for c in TRITON_CASES} == {True, False}
     assert {(c.dtype, c.trainable_head) for c in TRITON_CASES} >= {(torch.bfloat16, True), (torch.float32, True)}
     kinds = {(c.transform[0] != 1.0, c.transform[1] is not None) for c in TRITON_CASES}
     assert kinds == {(False, False), (True, False), (False, True), (True, True)}  # none, scale, cap, both
-    assert {c.transform[1] is not None for c in SPLIT_CASES} == {True, False}
-    assert any(c.vocab > 256 for c in TRITON_CASES)  # several 256-column tiles at the interpreter's block size
+
+
+def _fold_inputs(rows: int, cols: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.empty(4, rows, cols)
+    z[0], z[1] = 40 * torch.randn(rows, cols, generator=g), 40 * torch.randn(rows, cols, generator=g)
+    b_p, b_r = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    start = torch.randn(4, rows, generator=g)  # a running state from earlier tiles (first tile: -inf, 0)
+    return z, b_p, b_r, start
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("first_tile", [True, False], ids=["first-tile", "later-tile"])
+@pytest.mark.parametrize("p_dtype", [None, torch.float32, torch.bfloat16], ids=["stats", "P-fp32", "P-bf16"])
+def test_triton_fold_against_float64(first_tile, p_dtype, monkeypatch):
+    """One tile through the Triton fold with small blocks (rows and columns not multiples of them, several column
+    blocks per program), against the fold computed in float64 from its definition: bias, scale, soft cap, ε-mixes,
+    the online (max, Σ) update, P = softmax weights × cap slope relative to the new max, α = exp(max_old − max_new)."""
+    from edpo_plugin.ops import triton_fold
+    from edpo_plugin.ops.engine import RunningStats
+
+    monkeypatch.setattr(triton_fold, "fold_blocks", lambda cols, device: (16, 32, 4))
+    rows, cols, eps, scale, cap = 37, 101, 0.05, 0.5, 30.0
+    z, b_p, b_r, start = _fold_inputs(rows, cols, seed=3)
+    old_max = torch.full((4, rows), float("-inf")) if first_tile else 20 * start
+    old_sum = torch.zeros(4, rows) if first_tile else start.abs() + 1
+    stats = RunningStats(old_max.clone(), old_sum.clone())
+    out = triton_fold.fold_triton(z.clone(), b_p, b_r, stats, eps, LogitTransform(scale, cap), p_dtype)
+
+    def t64(u, b):
+        return cap * torch.tanh(scale * (u.double() + b.double()) / cap)
+
+    zp, zr = t64(z[0], b_p), t64(z[1], b_r)
+    mixes = torch.stack((zp, zr, zp + eps * (zp - zr), zp - eps * (zp - zr)))
+    new_max = torch.maximum(old_max.double(), mixes.amax(2))
+    new_sum = old_sum.double() * torch.exp(old_max.double() - new_max) + torch.exp(mixes - new_max[..., None]).sum(2)
+    assert _rel(stats.max, new_max) <= 1e-6 and _rel(stats.sum, new_sum) <= 1e-6
+    if p_dtype is None:
+        assert out is None
+        return
+    alpha, p = out
+    want_p = torch.exp(zp - new_max[0, :, None]) * scale * (1 - (zp / cap) ** 2)
+    assert p.dtype == p_dtype and _rel(p, want_p) <= (1e-6 if p_dtype == torch.float32 else 2**-8)
+    assert _rel(alpha, torch.exp(old_max[0].double() - new_max[0])) <= 1e-6
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_grad_fold_against_float64(out_dtype):
+    """The backward fold: dL/du = slope·g·(onehot(y) − softmax(z)) for L = Σ g·log softmax(T(u + b))[y], targets
+    inside and outside the tile (−1), from the rows' own statistics."""
+    from edpo_plugin.ops.triton_fold import grad_fold_triton
+
+    rows, cols, scale, cap = 29, 75, 0.5, 30.0
+    z, b, _, _ = _fold_inputs(rows, cols, seed=5)
+    u = z[0]
+    g = torch.randn(rows, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(-1, cols, (rows,), generator=torch.Generator().manual_seed(2))
+    zz = cap * torch.tanh(scale * (u.double() + b.double()) / cap)
+    row_max = zz.amax(1)
+    row_logsum = torch.exp(zz - row_max[:, None]).sum(1).log()
+    got = grad_fold_triton(u.clone(), b, y, row_max.float(), row_logsum.float(), g, LogitTransform(scale, cap),
+                           out_dtype)  # fmt: skip
+    onehot = torch.zeros(rows, cols, dtype=torch.float64)
+    onehot[(y >= 0).nonzero().squeeze(1), y[y >= 0]] = 1
+    want = g.double()[:, None] * (onehot - torch.softmax(zz, 1)) * scale * (1 - (zz / cap) ** 2)
+    assert got.dtype == out_dtype and _rel(got, want) <= (1e-5 if out_dtype == torch.float32 else 2**-8)
 
 
 def test_all_positions_ignored_gives_zeros_and_zero_grad():
@@ -293,31 +343,6 @@ def test_trainable_head_gradients_at_large_logits_as_accurate_as_full_logits():
         errors[impl] = [_rel(a, b) for a, b in zip(grads, want_grads)]
     for fused, full in zip(errors["chunked"], errors["naive"]):
         assert fused <= 2 * full + 1e-7, errors
-
-
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
-def test_triton_mix_lse_statistics_against_float64(shared, monkeypatch):
-    """``triton_mix_lse`` (the statistics-only entry point other code builds on) keeps its meaning: per row
-    ``(max, log Σ exp(z − max))`` of z_θ, z_ref, z⁺, z⁻ with z = softcap·tanh(scale·(W h + b)/softcap)."""
-    from edpo_plugin.ops.triton_lse import triton_mix_lse
-
-    monkeypatch.setenv("EDPO_TRITON_SPLITS", "2")
-    g = torch.Generator().manual_seed(7)
-    h, hr = torch.randn(29, 24, generator=g), torch.randn(29, 24, generator=g)
-    w, b = 2 * torch.randn(601, 24, generator=g), torch.randn(601, generator=g)
-    wr, br = (w, b) if shared else (2 * torch.randn(601, 24, generator=g), torch.randn(601, generator=g))
-    row_max, row_logsum = triton_mix_lse(h, w, b, hr, wr, br, 0.05, LogitTransform(0.5, 30.0), shared=shared)
-    assert row_max.shape == row_logsum.shape == (4, 29) and row_max.dtype == torch.float32
-
-    def logits(hh, ww, bb):
-        return 30.0 * torch.tanh(0.5 * (hh.double() @ ww.double().T + bb.double()) / 30.0)
-
-    z, zr = logits(h, w, b), logits(hr, wr, br)
-    want = torch.stack([torch.logsumexp(x, dim=1) for x in (z, zr, 1.05 * z - 0.05 * zr, 0.95 * z + 0.05 * zr)])
-    got = row_max.double() + row_logsum.double()
-    assert _rel(got, want) <= 1e-6
-    assert (row_logsum >= 0).all() and (row_logsum <= torch.log(torch.tensor(601.0))).all()
 
 
 @pytest.mark.parametrize("impl", IMPLS_HERE)

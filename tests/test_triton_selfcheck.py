@@ -35,12 +35,12 @@ def test_probe_passes_when_first_called_under_inference_mode(selfcheck):
 
 
 def test_launch_failure_warns_once_naming_device_and_error_then_falls_back(selfcheck, monkeypatch):
-    from edpo_plugin.ops import triton_head_forward
+    from edpo_plugin.ops import triton_fold
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX codegen error (forced by the test)")
 
-    monkeypatch.setattr(triton_head_forward, "_launch_forward", broken)
+    monkeypatch.setattr(triton_fold, "fold_triton", broken)
     dev = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match=r"cpu.*PTX codegen error \(forced by the test\).*chunked"):
         assert not selfcheck.triton_passes_self_check(dev, torch.float32)
@@ -50,30 +50,30 @@ def test_launch_failure_warns_once_naming_device_and_error_then_falls_back(selfc
 
 
 def test_wrong_numbers_are_caught(selfcheck, monkeypatch):
-    from edpo_plugin.ops import triton_head_forward
+    from edpo_plugin.ops import triton_fold
 
-    real = triton_head_forward.triton_head_forward
+    real = triton_fold.fold_triton
 
-    def off_by_a_bit(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out._replace(row_logsum=out.row_logsum + 1e-2)
+    def off_by_a_bit(z, b_p, b_r, stats, *args, **kwargs):
+        out = real(z, b_p, b_r, stats, *args, **kwargs)
+        stats.sum.mul_(1.01)
+        return out
 
-    monkeypatch.setattr(triton_head_forward, "triton_head_forward", off_by_a_bit)
+    monkeypatch.setattr(triton_fold, "fold_triton", off_by_a_bit)
     with pytest.warns(RuntimeWarning, match="policy stream differs"):
         assert not selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
 
 
 def test_wrong_gradients_are_caught(selfcheck, monkeypatch):
-    from edpo_plugin.ops import triton_head_backward
+    from edpo_plugin.ops import triton_fold
 
-    real = triton_head_backward.triton_head_param_grads
+    real = triton_fold.grad_fold_triton
 
     def scaled(*args, **kwargs):
-        gw, gb = real(*args, **kwargs)
-        return gw * 1.1, gb
+        return real(*args, **kwargs) * 1.1
 
-    monkeypatch.setattr(triton_head_backward, "triton_head_param_grads", scaled)
-    with pytest.warns(RuntimeWarning, match="trainable head: weight gradient differs"):
+    monkeypatch.setattr(triton_fold, "grad_fold_triton", scaled)
+    with pytest.warns(RuntimeWarning, match="trainable head: hidden gradient differs"):
         assert not selfcheck.triton_passes_self_check(torch.device("cpu"), torch.float32)
 
 

@@ -4,12 +4,14 @@
 per-token log-prob streams. Implementations, chosen by ``impl``:
 
 - ``"naive"``: materialises ``[tokens × vocab]`` logits (the authors' reference trainer's way).
-- ``"chunked"``: PyTorch, token chunks × vocabulary tiles with an online logsumexp; CPU and GPU.
-- ``"triton"``: Triton kernels for the sweep and the trainable head's backward (CUDA, or CPU under
-  ``TRITON_INTERPRET=1``).
-- ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports and the Triton head passed its first-use self-check
-  on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it warns once and falls back), else
-  ``"chunked"``.
+- ``"chunked"``: the tile engine (:mod:`edpo_plugin.ops.engine`: token chunks × wide vocabulary tiles, GEMMs by the
+  BLAS — on CUDA on the input dtype with fp32 output) with each tile folded in PyTorch; CPU and GPU.
+- ``"triton"``: the same engine with each tile folded by one Triton kernel (:mod:`edpo_plugin.ops.triton_fold`;
+  CUDA, or CPU under ``TRITON_INTERPRET=1``).
+- ``"auto"``: on CUDA, :data:`AUTO_ON_CUDA` — the path with the lowest modelled time at the 8B shape
+  (``scripts/roofline.py``; a GPU measurement replaces the model once one is committed) — if Triton imports and
+  its first-use self-check passes on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it
+  warns once and falls back to ``"chunked"``); ``"chunked"`` elsewhere.
 
 Imports only torch (and triton, lazily).
 """
@@ -26,8 +28,12 @@ from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
 IMPLS = ("auto", "naive", "chunked", "triton")
+# What "auto" runs on CUDA: the argmin of the modelled time in docs/roofline.json (tests/test_roofline.py keeps the
+# two in step; docs/bench_head_gpu.json, once a GPU has measured, takes precedence there).
+AUTO_ON_CUDA = "triton"
 
 __all__ = [
+    "AUTO_ON_CUDA",
     "IMPLS",
     "LinearLogprobs",
     "LogitTransform",
@@ -65,12 +71,22 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
     if impl == "auto":
-        if device.type != "cuda" or not triton_available():
+        if device.type != "cuda":
+            return "chunked"
+        choice = auto_cuda_impl()
+        if choice != "triton":
+            return choice
+        if not triton_available():
             return "chunked"
         from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
 
         return "triton" if triton_passes_self_check(device, dtype) else "chunked"
     return impl
+
+
+def auto_cuda_impl() -> str:
+    """The implementation ``"auto"`` prefers on CUDA (:data:`AUTO_ON_CUDA`), before the Triton self-check."""
+    return AUTO_ON_CUDA
 
 
 def linear_logprobs(

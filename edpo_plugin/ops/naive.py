@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edpo_plugin.ops.chunked import mix_streams
+from edpo_plugin.ops.engine import mix_streams
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 

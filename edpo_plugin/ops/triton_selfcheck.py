@@ -1,9 +1,11 @@
 """First-use self-check of the Triton head, behind ``impl="auto"``.
 
 The first time ``auto`` would pick the Triton path for a (device, dtype), :func:`triton_passes_self_check` runs the
-Triton head on a small probe (48 rows with ignored positions, d = 64, an odd vocabulary of 515 spanning several
-tiles, a bias, a scale and a soft cap; a frozen shared head and a trainable unshared one) and compares its four
-streams and its gradients with the chunked PyTorch path on the same inputs. A compile error, a launch error or a
+Triton head at its production specialisation (the default token chunk and vocabulary tile, so the fold kernels
+compile with the block configuration and 16-divisible strides real calls use; d = 128) on a probe of 48 rows with
+ignored positions, a vocabulary of one full tile plus a ragged one, a bias, a scale and a soft cap — a frozen shared
+head and a trainable unshared one — and compares its four streams and its gradients with the PyTorch fold on the
+same inputs. A compile error, a launch error or a
 mismatch makes it warn once, naming the device and the error, and ``auto`` uses ``"chunked"`` for that
 (device, dtype) from then on. The result is cached per process; the probe costs milliseconds on a GPU (plus the
 kernels' first compilation, which the real call would pay anyway).
@@ -18,8 +20,7 @@ import warnings
 import torch
 
 _RESULTS: dict[tuple[str, int | None, torch.dtype], bool] = {}
-# Both paths accumulate exact products in fp32; the Triton path rounds the softmax weights to bf16/fp16 before the
-# direction's dot and the logit gradient before the weight-gradient GEMM, hence the looser gradient bound there.
+# Both folds feed the same GEMMs; they differ by the fold's fp32 rounding (tanh, exp), far below these bounds.
 STREAM_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2**-7, torch.float16: 2**-7}  # ~4× the outputs' own rounding
 
@@ -64,7 +65,9 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     from edpo_plugin.ops import LogitTransform, linear_logprobs
 
     g = torch.Generator().manual_seed(0)
-    n, d, vocab = 48, 64, 515
+    from edpo_plugin.ops.chunked import DEFAULT_VOCAB_CHUNK
+
+    n, d, vocab = 48, 128, DEFAULT_VOCAB_CHUNK + 515
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)

@@ -2,8 +2,8 @@
 per-token statistics cross the process group, never logits.
 
 Every rank holds the same hidden states and labels (replicated, as in a tensor-parallel model after its final norm)
-and sweeps its own vocabulary shard with the chunked (or Triton) statistics sweep, after the model's logit transform
-(scale, soft cap: elementwise, so per shard). The communication, one named step each:
+and sweeps its own vocabulary shard with the tile engine (:mod:`edpo_plugin.ops.engine`, PyTorch or Triton fold), after
+the model's logit transform (scale, soft cap: elementwise, so per shard). The communication, one named step each:
 
 - forward, :func:`_gather_statistics`: one all-gather of ``[11, M]`` fp32 per rank (``M`` = non-ignored tokens):
   ``(max, log Σ exp(z − max))`` of the four streams (8 rows), the policy and reference target logits (2 rows, 0 on
@@ -16,12 +16,9 @@ and sweeps its own vocabulary shard with the chunked (or Triton) statistics swee
 
 Gradient of the policy stream, as in ``chunked.py``, with the global statistics:
 
-- frozen head (chunked sweep): the sweep accumulates this shard's ``−Σ_{v∈shard} softmax_r(z)_v J_v W_v`` under the
-  shard's own normaliser; it is rescaled to the global log-sum-exp by ``exp((m_r − max) + (l_r − log Σ))``, and the
-  owning rank adds ``J_y W[y]``. Saved as ``[M, d]`` fp32; backward scales it and all-reduces. Three
-  matmul-equivalents per shard.
-- frozen head (Triton statistics): the direction is built in the forward, after the gather, by one policy-only sweep
-  normalised with the global statistics (four matmul-equivalents).
+- frozen head: the sweep accumulates this shard's ``−Σ_{v∈shard} softmax_r(z)_v J_v W_v`` under the shard's own
+  normaliser; it is rescaled to the global log-sum-exp by ``exp((m_r − max) + (l_r − log Σ))``, and the owning rank
+  adds ``J_y W[y]``. Saved as ``[M, d]`` fp32; backward scales it and all-reduces. Three matmul-equivalents per shard.
 - trainable head: backward recomputes the shard's policy logits tile by tile, normalised with the global
   statistics, giving the local hidden-gradient part, the weight shard's and the bias shard's gradients (five).
 
@@ -37,14 +34,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from edpo_plugin.ops.chunked import (
-    DEFAULT_TOKEN_CHUNK,
-    DEFAULT_VOCAB_CHUNK,
-    _lse_sweep,
-    _pre_logits_at,
-    _recompute_grads,
-    _target_term,
+from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, folds
+from edpo_plugin.ops.engine import (
+    HeadOperands,
+    Tiles,
     mix_streams,
+    recompute_grads,
+    sweep_statistics,
+    target_logits,
+    target_term,
 )
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
@@ -223,35 +221,30 @@ def _forward(
 ):  # fmt: skip
     n_tokens = hidden.shape[0]
     valid_idx = (labels != ignore_index).nonzero().squeeze(1)
-    h = hidden.detach().index_select(0, valid_idx)
-    hr = ref_hidden.detach().index_select(0, valid_idx)
     y_local = labels.index_select(0, valid_idx).long() - vocab_start  # outside [0, V_r): another rank's target
-    w, wr = weight.detach(), ref_weight.detach()
-    b = None if bias is None else bias.detach()
-    br = None if ref_bias is None else ref_bias.detach()
-    shared = ref_weight is weight and ref_bias is bias
+    policy = HeadOperands(hidden.detach().index_select(0, valid_idx), weight.detach(), _detached(bias))
+    ref = HeadOperands(ref_hidden.detach().index_select(0, valid_idx), ref_weight.detach(), _detached(ref_bias))
+    if ref_weight is weight:
+        ref = ref._replace(w=policy.w)
+    tiles = Tiles(token_chunk, vocab_chunk)
+    fold, grad_fold = folds(use_triton)
 
     want_hidden = ctx.needs_input_grad[0]
     head_trainable = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-    triton_stats = use_triton and not head_trainable
-    keep_direction = want_hidden and not head_trainable and not triton_stats
+    keep_direction = want_hidden and not head_trainable
 
-    # 1. local sweep over this rank's vocabulary shard
-    if triton_stats:
-        from edpo_plugin.ops.triton_lse import triton_mix_lse
-
-        row_max, row_logsum = triton_mix_lse(h, w, b, hr, wr, br, epsilon, transform, shared=shared)
-        local_dir = None
-    else:
-        row_max, row_logsum, local_dir = _lse_sweep(
-            h, w, b, hr, wr, br, None, epsilon, transform, token_chunk, vocab_chunk, shared, keep_direction
-        )
-    owned_rows = ((y_local >= 0) & (y_local < w.shape[0])).nonzero().squeeze(1)
+    # 1. local sweep over this rank's vocabulary shard (the engine, as on one device)
+    row_max, row_logsum, local_dir = sweep_statistics(
+        policy, ref, None, epsilon, transform, tiles, keep_direction, fold
+    )
+    owned_rows = ((y_local >= 0) & (y_local < policy.w.shape[0])).nonzero().squeeze(1)
     y_owned = y_local.index_select(0, owned_rows)
-    local = torch.zeros(STAT_ROWS, h.shape[0], dtype=torch.float32, device=h.device)
+    owned_policy = HeadOperands(policy.h[owned_rows], policy.w, policy.b)
+    local = torch.zeros(STAT_ROWS, policy.h.shape[0], dtype=torch.float32, device=hidden.device)
     local[0:4], local[4:8] = row_max, row_logsum
-    local[8].index_copy_(0, owned_rows, transform.apply_(_pre_logits_at(h[owned_rows], w, b, y_owned)))
-    local[9].index_copy_(0, owned_rows, transform.apply_(_pre_logits_at(hr[owned_rows], wr, br, y_owned)))
+    local[8].index_copy_(0, owned_rows, target_logits(owned_policy, y_owned, transform))
+    local[9].index_copy_(0, owned_rows, target_logits(HeadOperands(ref.h[owned_rows], ref.w, ref.b), y_owned,
+                                                      transform))  # fmt: skip
     local[10].index_fill_(0, owned_rows, 1.0)
 
     # 2. one collective: all-gather the [11, M] statistics; every rank merges them the same way
@@ -264,32 +257,26 @@ def _forward(
     if local_dir is not None:
         rescale = torch.exp((row_max[0] - g_max[0]) + (row_logsum[0] - g_logsum[0]))
         direction = local_dir.mul_(rescale.unsqueeze(1))
-        target_rows = _target_term(h[owned_rows], w, b, y_owned, transform)
+        target_rows = target_term(owned_policy, y_owned, transform)
         if transform.softcap is None:
             target_rows.mul_(transform.scale)
         direction.index_add_(0, owned_rows, target_rows)
-    elif want_hidden and not head_trainable:  # Triton statistics: one policy-only sweep with the global normaliser
-        ones = torch.ones(h.shape[0], dtype=torch.float32, device=h.device)
-        direction = _recompute_grads(
-            h, w, b, y_local, g_max[0], g_logsum[0], ones, transform, token_chunk, vocab_chunk, True, False, False
-        )[0]
 
     ctx.mark_non_differentiable(*outputs[1:])
     ctx.n_tokens, ctx.hidden_dtype, ctx.group = n_tokens, hidden.dtype, group
-    ctx.has_bias, ctx.transform = bias is not None, transform
-    ctx.token_chunk, ctx.vocab_chunk = token_chunk, vocab_chunk
+    ctx.has_bias, ctx.transform, ctx.tiles, ctx.grad_fold = bias is not None, transform, tiles, grad_fold
     if direction is not None or not want_hidden and not head_trainable:
         ctx.save_for_backward(valid_idx, direction)
         ctx.recompute = False
     else:
-        ctx.save_for_backward(valid_idx, y_local, g_max[0].contiguous(), g_logsum[0].contiguous(), h, weight, bias)
+        ctx.save_for_backward(valid_idx, y_local, g_max[0].contiguous(), g_logsum[0].contiguous(), policy.h, weight,
+                              bias)  # fmt: skip
         ctx.recompute = True
     return outputs
 
 
 def _backward(ctx, grad_policy):
-    want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
     grad_weight = grad_bias = None
     if not ctx.recompute:
         valid_idx, direction = ctx.saved_tensors
@@ -299,11 +286,10 @@ def _backward(ctx, grad_policy):
     else:
         valid_idx, y_local, g_max, g_logsum, h, weight, bias = ctx.saved_tensors
         g = grad_policy.index_select(0, valid_idx).float()
-        grad_valid, grad_weight, grad_bias = _recompute_grads(
-            h, weight, bias, y_local, g_max, g_logsum, g, ctx.transform, ctx.token_chunk, ctx.vocab_chunk,
-            want_hidden, want_weight, want_bias,
-        )  # fmt: skip
-    if not want_hidden:
+        grad_valid, grad_weight, grad_bias = recompute_grads(
+            HeadOperands(h, weight, bias), y_local, g_max, g_logsum, g, ctx.transform, ctx.tiles, want, ctx.grad_fold
+        )
+    if not want[0]:
         return None, grad_weight, grad_bias
     grad_valid = _reduce_hidden_grad(grad_valid.to(ctx.hidden_dtype), ctx.group)
     grad_hidden = grad_policy.new_zeros(ctx.n_tokens, grad_valid.shape[1], dtype=ctx.hidden_dtype)
@@ -343,3 +329,7 @@ def _merge_statistics(gathered: torch.Tensor):
     g_logsum = torch.exp((part_max - finite_max) + part_logsum).sum(0).log_()
     # exactly one rank holds a non-zero target, so the sum is exact
     return g_max, g_logsum, gathered[:, 8].sum(0), gathered[:, 9].sum(0)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
