@@ -88,6 +88,7 @@ def _padded_layout(packed_stream: torch.Tensor, attention_mask: torch.Tensor) ->
     start = 0
     for r, n in enumerate(lengths):
         out[r, : n - 1] = packed_stream[0, start : start + n - 1]
+        assert packed_stream[0, start + n - 1] == 0, f"row {r}: its last token predicted the next sequence"
         start += n
     assert start == packed_stream.shape[1]
     return out
@@ -179,7 +180,7 @@ def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_p
 
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1)
-    with pytest.raises(HeadMismatchError, match="LlamaForCausalLM"):
+    with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
         trainer.train()
 
 

@@ -130,11 +130,20 @@ def merge_own(parts: list[OwnForward]) -> OwnForward:
     )
 
 
-def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str) -> float:
+def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str, packed: bool = False) -> float:
     """Raise :class:`HeadMismatchError` unless ``|fused − own| ≤ tolerance`` at every position; return the largest
-    difference. Tolerance ``3·u·(1 + max|z|) + 1e-4``, ``u`` the unit roundoff the model's logits were computed in."""
+    difference. Tolerance ``3·u·(1 + max|z|) + 1e-4``, ``u`` the unit roundoff the model's logits were computed in.
+    ``packed``: the fused side ran padding-free (several sequences packed into one row)."""
     tolerance = 3 * own.roundoff * (1.0 + own.max_logit) + 1e-4
     worst = float((fused_logprobs.double() - own.logprobs).abs().max())
+    if not worst <= tolerance and packed:
+        raise HeadMismatchError(
+            f"{what}: with padding_free=True, two sequences packed into one row as training packs them get log-probs "
+            f"up to {worst:.4g} nats away from each sequence's own unpadded forward (tolerance {tolerance:.3g}). "
+            "Its attention does not keep packed sequences apart (it needs restarting position_ids to split them: "
+            "FlashAttention-2 on GPU, SDPA / eager on CPU), or its logits are not what ε-DPO's head computes (then "
+            "padding_free=False fails the same check). Set padding_free=False (Axolotl: remove dpo_padding_free)."
+        )
     if not worst <= tolerance:
         raise HeadMismatchError(
             f"{what}: the fused head's log-probs differ from the model's own forward by up to {worst:.4g} nats "

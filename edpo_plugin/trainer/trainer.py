@@ -370,7 +370,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                     got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, ref_hidden, ref_adapters))
             checks.append((own_ref, got, f"{type(view.causal_lm).__name__} (reference)"))
         for own_forward, got, what in checks:
-            worst = compare_with_model(own_forward, got, what)
+            worst = compare_with_model(own_forward, got, what, packed=self._padding_free)
             logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
         return True
 
