@@ -4,14 +4,13 @@ against the model's own padded forward: streams, loss, gradients, decisions, the
 from __future__ import annotations
 
 import copy
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from varied_rows import varied_rows
 
 import edpo_plugin.trainer.trainer as trainer_module
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
@@ -19,17 +18,6 @@ from edpo_plugin.trainer.head_check import HeadMismatchError
 from edpo_plugin.trainer.packing import pack_rows
 
 BETA, EPS = 0.1, 0.2
-
-
-def varied_rows(train_file, n_rows: int) -> list[dict[str, str]]:
-    """The tiny default's rows (all of one length) with prompts and completions of varied lengths, so that a padded
-    batch carries padding and chosen / rejected differ in length."""
-    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines()[:n_rows]]
-    for i, row in enumerate(rows):
-        row["prompt"] = " ".join([row["prompt"]] * (1 + i % 3))
-        row["chosen"] = " ".join(row["chosen"].split()[: 1 + i % 3])
-        row["rejected"] = " ".join([row["rejected"]] * (1 + (i // 2) % 2))
-    return rows
 
 
 def _tiny_llama(tok, attn: str = "sdpa") -> LlamaForCausalLM:
@@ -132,6 +120,7 @@ def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkey
     own = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * completion
     assert (_padded_layout(streams_pf[0], mask).double() - own).abs().max().item() <= 1e-5
 
+    assert trainer._metrics["train"]["backbone_tokens"] == [batch["input_ids"].numel(), int(mask.sum())]
     assert torch.equal(out_pf.decisions, out_pad.decisions)
     assert out_pad.decisions.abs().sum() > 0, "the batch should move β"
     assert abs(loss_pf.item() - loss_pad.item()) <= 1e-6 * abs(loss_pad.item())

@@ -240,6 +240,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         if mode == "train":
             self.beta_controller.accumulate(out.decisions, contributes)
         self._log_pair_metrics(mode, inputs, out, policy, contributes)
+        backbone_tokens = model_kwargs["input_ids"].new_tensor(model_kwargs["input_ids"].numel())
+        # positions one backbone forward ran on (real tokens and padding), summed over ranks, per micro-batch
+        self._metrics[mode]["backbone_tokens"].append(self.accelerator.gather(backbone_tokens).sum().item())
         return loss
 
     def _log_pair_metrics(self, mode, inputs, out, policy, contributes) -> None:
