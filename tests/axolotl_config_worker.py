@@ -24,7 +24,7 @@ FIELDS = (
     "rl", "trainer_cls", "rl_beta", "edpo_epsilon", "edpo_head", "attn_implementation", "gradient_checkpointing",
     "bf16", "batch_size", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "learning_rate",
     "lr_scheduler", "warmup_ratio", "weight_decay", "sequence_len", "adapter", "load_in_4bit", "fsdp_version",
-    "model_config_type", "chat_template", "tensor_parallel_size", "dp_shard_size", "optimizer",
+    "model_config_type", "chat_template", "tensor_parallel_size", "dp_shard_size", "optimizer", "dpo_padding_free",
 )  # fmt: skip
 
 

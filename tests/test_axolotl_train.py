@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 from spec_reference import beta_trajectory64
+from varied_rows import write_varied_rows
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
+def _run(tiny: dict, example: str, tmp_path: Path, train_file: Path | None = None, **overrides) -> Path:
     cfg = yaml.safe_load((REPO / "yaml_examples" / example).read_text())
     cfg.update(**overrides)
     cfg.update(
@@ -26,7 +27,7 @@ def _run(tiny: dict, example: str, tmp_path: Path, **overrides) -> Path:
         max_steps=STEPS,
         save_steps=STEPS,
     )
-    cfg["datasets"][0]["path"] = str(tiny["train"])
+    cfg["datasets"][0]["path"] = str(train_file or tiny["train"])
     tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -135,3 +136,25 @@ def test_axolotl_lora_runs_of_one_config_are_identical(tiny_default, tmp_path):
 
     first, second = (history(_run(tiny_default, "tiny-edpo-lora.yaml", tmp_path / name)) for name in ("a", "b"))
     assert len(first) == STEPS and first == second
+
+
+def test_axolotl_padding_free_matches_padded(tiny_default, tmp_path):
+    """`dpo_padding_free: true` on the tiny default, rows of varied lengths: the backbones run only the real tokens,
+    and the β trajectory, the decisions and the losses are the padded run's (the same YAML without the option)."""
+    data = write_varied_rows(tiny_default["train"], 64, tmp_path / "varied.jsonl")
+    logs = {}
+    for padding_free in (False, True):
+        out = _run(tiny_default, "tiny-edpo.yaml", tmp_path / f"padding_free_{padding_free}", train_file=data,
+                   dpo_padding_free=padding_free)  # fmt: skip
+        history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
+        logs[padding_free] = ([h for h in history if "loss" in h], _betas(out))
+    (padded, betas_padded), (packed, betas_packed) = logs[False], logs[True]
+    assert len(packed) == len(padded) == STEPS
+    # packed: one row of the real tokens only; padded: the [2B, T] tensor
+    for p, q in zip(padded, packed, strict=True):
+        assert q["backbone_tokens"] < p["backbone_tokens"], (q["backbone_tokens"], p["backbone_tokens"])
+        assert q["num_tokens"] == p["num_tokens"]  # the same real tokens
+        assert q["kl/avg_steps"] == p["kl/avg_steps"]
+    assert betas_padded[-1] != betas_padded[0], "the run should move β"
+    assert betas_packed == pytest.approx(betas_padded, rel=1e-6)
+    assert [h["loss"] for h in packed] == pytest.approx([h["loss"] for h in padded], rel=1e-5)

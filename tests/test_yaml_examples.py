@@ -21,7 +21,11 @@ MODELS = {"llama3-8b-instruct": "llama", "mistral-7b-instruct-v0.2": "mistral"}
 VARIANTS = ("lora", "qlora", "full-zero3", "full-fsdp")
 GPUS = {"lora": 1, "qlora": 1, "full-zero3": 8, "full-fsdp": 8, "full-tp": 8}
 DECODER_LAYER = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer"}
-EXAMPLE_NAMES = [f"{m}-edpo-{v}" for m in MODELS for v in VARIANTS] + ["llama3-8b-instruct-edpo-full-tp"]
+EXAMPLE_NAMES = [f"{m}-edpo-{v}" for m in MODELS for v in VARIANTS] + [
+    "llama3-8b-instruct-edpo-full-tp",
+    "llama3-8b-instruct-edpo-lora-padding-free",
+]
+PADDING_FREE = "-padding-free"  # an example name's suffix: the same variant with dpo_padding_free: true
 TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
 
 # A row shaped like princeton-nlp/{llama3,mistral-instruct}-ultrafeedback (the examples' datasets).
@@ -41,10 +45,14 @@ BAD_CONFIGS = [
     ("loss_ipo", {"dpo_loss_type": ["ipo"]}, "dpo_loss_type"),
     ("precompute_ref", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ("liger_dpo", {"dpo_use_liger_kernel": True}, "dpo_use_liger_kernel"),
-    ("padding_free", {"dpo_padding_free": True}, "dpo_padding_free"),
     ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size=2 is not supported by rl: edpo"),
     ("no_plugin", {"plugins": None}, "rl"),
 ]
+
+
+def _variant(name: str) -> str:
+    """``lora``, ``full-zero3``, …: what follows ``-edpo-`` in an example's name, without the padding-free suffix."""
+    return name.rsplit("-edpo-")[1].removesuffix(PADDING_FREE)
 
 
 def _example(name: str) -> dict:
@@ -76,7 +84,7 @@ def validated(tiny_default, tmp_path_factory) -> dict:
         arch = next(a for prefix, a in MODELS.items() if name.startswith(prefix))
         config["base_model"] = base_models[arch]
         config["output_dir"] = str(tmp / name)
-        jobs.append({"name": name, "kind": "config", "config": config, "world_size": GPUS[name.rsplit("-edpo-")[1]]})
+        jobs.append({"name": name, "kind": "config", "config": config, "world_size": GPUS[_variant(name)]})
     for bad_name, change, _ in BAD_CONFIGS:
         config = _example("llama3-8b-instruct-edpo-lora")
         config.update({"base_model": base_models["llama"], "output_dir": str(tmp / bad_name)}, **change)
@@ -110,7 +118,7 @@ def test_example_validates_with_paper_settings(validated, name):
     assert result["ok"], result.get("error")
     cfg = result["cfg"]
     arch = next(a for prefix, a in MODELS.items() if name.startswith(prefix))
-    variant = name.rsplit("-edpo-")[1]
+    variant = _variant(name)
     # rl: edpo became Axolotl's DPO pipeline with the ε-DPO trainer, with the paper's β and ε
     assert (cfg["rl"], cfg["trainer_cls"]) == ("dpo", TRAINER_CLS)
     assert (cfg["rl_beta"], cfg["edpo_epsilon"], cfg["edpo_head"]) == (0.01, 0.01, "auto")
@@ -122,6 +130,8 @@ def test_example_validates_with_paper_settings(validated, name):
     assert cfg["sequence_len"] == 2048
     assert (cfg["bf16"], cfg["attn_implementation"], cfg["gradient_checkpointing"]) == (True, "flash_attention_2", True)
     assert cfg["dataset_types"] == ["chat_template.argilla_chat"]
+    # dpo_padding_free reaches Axolotl's config (its DPO builder passes it on as the training args' padding_free)
+    assert bool(cfg["dpo_padding_free"]) == name.endswith(PADDING_FREE)
     assert cfg["chat_template"] == "tokenizer_default"
     if variant.startswith("full"):
         assert math.isclose(cfg["learning_rate"], 5e-7)

@@ -83,6 +83,4 @@ class EDPOArgs(BaseModel):
                 "parallelism into its DPO pipeline, and the fused head needs each sequence whole. Remove "
                 "context_parallel_size (tensor_parallel_size and dp_shard_size are supported)."
             )
-        if data.get("dpo_padding_free"):
-            raise ValueError("dpo_padding_free is not supported by rl: edpo (TRL 1.9 disables it too): remove it.")
         return data

@@ -38,12 +38,43 @@ def check_row(
 
     Always a row, so that every data-parallel rank runs the check (and its collectives) on its first micro-batch.
     """
-    has_completion = completion_mask.bool().any(dim=1)
-    first = completion_mask.long().argmax(dim=1).masked_fill(~has_completion, input_ids.shape[1])
+    first = _completion_starts(input_ids, completion_mask)
     row = int(first.argmin())
-    length = min(int(first[row]) + CHECK_COMPLETION_TOKENS, int(attention_mask[row].sum()), CHECK_MAX_TOKENS)
-    length = min(max(length, 2), input_ids.shape[1])
+    length = _check_length(first, attention_mask, row)
     return input_ids[row : row + 1, :length], attention_mask[row : row + 1, :length]
+
+
+def check_pair(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [2, L], mask [2, L])`` for the padding-free check: :func:`check_row`'s row and the other half of its
+    pair (chosen rows come first, rejected rows second), each cut the same way; the shorter row is right-padded
+    (mask 0), so that packing the two puts a sequence start mid-row. A batch of one row gives that row twice."""
+    first = _completion_starts(input_ids, completion_mask)
+    row = int(first.argmin())
+    half = input_ids.shape[0] // 2
+    partner = (row + half) % input_ids.shape[0]
+    rows = [row, partner]
+    lengths = [_check_length(first, attention_mask, r) for r in rows]
+    width = max(lengths)
+    ids = input_ids[rows, :width]
+    mask = torch.zeros_like(attention_mask[rows, :width])
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    return ids, mask
+
+
+def _completion_starts(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """int64 ``[R]``: each row's first completion position (``T`` for a row with none)."""
+    has_completion = completion_mask.bool().any(dim=1)
+    return completion_mask.long().argmax(dim=1).masked_fill(~has_completion, input_ids.shape[1])
+
+
+def _check_length(first: torch.Tensor, attention_mask: torch.Tensor, row: int) -> int:
+    """Tokens of ``row`` the check reads: ``CHECK_COMPLETION_TOKENS`` past its prompt, at most its real tokens and
+    ``CHECK_MAX_TOKENS``, at least 2."""
+    length = min(int(first[row]) + CHECK_COMPLETION_TOKENS, int(attention_mask[row].sum()), CHECK_MAX_TOKENS)
+    return min(max(length, 2), attention_mask.shape[1])
 
 
 class OwnForward(NamedTuple):
@@ -89,11 +120,30 @@ def own_forward_logprobs(
     return OwnForward(logprobs, max(eps) / 2, magnitude)
 
 
-def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str) -> float:
+def merge_own(parts: list[OwnForward]) -> OwnForward:
+    """One :class:`OwnForward` for several rows checked separately: log-probs laid end to end (``[1, Σ(L_i − 1)]``),
+    the coarsest roundoff and the largest logit."""
+    return OwnForward(
+        torch.cat([p.logprobs for p in parts], dim=1),
+        max(p.roundoff for p in parts),
+        max(p.max_logit for p in parts),
+    )
+
+
+def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str, packed: bool = False) -> float:
     """Raise :class:`HeadMismatchError` unless ``|fused − own| ≤ tolerance`` at every position; return the largest
-    difference. Tolerance ``3·u·(1 + max|z|) + 1e-4``, ``u`` the unit roundoff the model's logits were computed in."""
+    difference. Tolerance ``3·u·(1 + max|z|) + 1e-4``, ``u`` the unit roundoff the model's logits were computed in.
+    ``packed``: the fused side ran padding-free (several sequences packed into one row)."""
     tolerance = 3 * own.roundoff * (1.0 + own.max_logit) + 1e-4
     worst = float((fused_logprobs.double() - own.logprobs).abs().max())
+    if not worst <= tolerance and packed:
+        raise HeadMismatchError(
+            f"{what}: with padding_free=True, two sequences packed into one row as training packs them get log-probs "
+            f"up to {worst:.4g} nats away from each sequence's own unpadded forward (tolerance {tolerance:.3g}). "
+            "Its attention does not keep packed sequences apart (it needs restarting position_ids to split them: "
+            "FlashAttention-2 on GPU, SDPA / eager on CPU), or its logits are not what ε-DPO's head computes (then "
+            "padding_free=False fails the same check). Set padding_free=False (Axolotl: remove dpo_padding_free)."
+        )
     if not worst <= tolerance:
         raise HeadMismatchError(
             f"{what}: the fused head's log-probs differ from the model's own forward by up to {worst:.4g} nats "

@@ -27,8 +27,15 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 from edpo_plugin.loss import BetaController, edpo_loss
 from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
-from edpo_plugin.trainer.head_check import check_row, compare_with_model, own_forward_logprobs
+from edpo_plugin.trainer.head_check import (
+    check_pair,
+    check_row,
+    compare_with_model,
+    merge_own,
+    own_forward_logprobs,
+)
 from edpo_plugin.trainer.model_head import HeadView, describe_head, forward_to_head, is_peft_head_wrapper
+from edpo_plugin.trainer.packing import PackedBatch, check_packable, pack_rows, segment_logps
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
     explain_accelerate_refusal,
@@ -61,10 +68,15 @@ class EpsilonDPOTrainer(DPOTrainer):
             _check_preference_columns(kwargs.get(name, args[position] if len(args) > position else None), name)
         model = kwargs.get("model", args[0] if args else None)
         self._tensor_parallel = isinstance(model, torch.nn.Module) and mark_tensor_parallel(model)
+        # TRL's DPO (1.9 to 1.16) turns padding_free off with a warning; ε-DPO packs in its own loss instead.
+        self._padding_free = bool(training_args.padding_free)
+        training_args.padding_free = False
         try:
             super().__init__(*args, **kwargs)
         except ValueError as err:
             raise (explain_accelerate_refusal(err) or err) from err
+        finally:
+            training_args.padding_free = self._padding_free
         policy_view = describe_head(self.model)  # refuses what the fused head cannot compute exactly
         if self.is_deepspeed_enabled and is_peft_head_wrapper(policy_view):
             from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -80,6 +92,16 @@ class EpsilonDPOTrainer(DPOTrainer):
         elif is_peft_model(self.model) and "ref" in self.model.peft_config and policy_view.module is not None:
             _refuse_ref_adapter_with_head_wrapper(policy_view)
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
+        if self._padding_free:
+            check_packable(policy_view.causal_lm, ())
+            if self.ref_model is not None:
+                check_packable(describe_head(self.accelerator.unwrap_model(self.ref_model)).causal_lm, ())
+            if not self.args.edpo_head_check:
+                logger.warning(
+                    "ε-DPO: padding_free=True with edpo_head_check=False: nothing checks that %s's attention keeps "
+                    "the packed sequences apart.",
+                    type(policy_view.causal_lm).__name__,
+                )
         self._head_checked = not self.args.edpo_head_check
         self._warned_double_bos = False
         self._warned_empty_completion = False
@@ -134,22 +156,29 @@ class EpsilonDPOTrainer(DPOTrainer):
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], inside_forward: bool
     ) -> torch.Tensor:
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        view = describe_head(model)
+        completion = inputs["completion_mask"][:, 1:].bool()
+        packed = None
+        if self._padding_free:
+            check_packable(view.causal_lm, inputs.keys())
+            packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            model_kwargs = packed_model_kwargs(packed)
+            labels = packed.labels
+        else:
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
         model_kwargs["use_cache"] = False
 
-        view = describe_head(model)
         # MoE: the policy's own forward returns its router auxiliary loss (as in TRL's DPO; the reference's is unused)
         policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
         policy_forward = self._head_input(model, view, policy_kwargs, inside_forward)
-        hidden = policy_forward.hidden[:, :-1]
         ref_gathered = contextlib.ExitStack()
         ref_hidden, ref_view, ref_adapters = self._reference_head_input(
             model, view, model_kwargs, inside_forward, ref_gathered
         )
-        ref_hidden = ref_hidden[:, :-1]
-
-        completion = inputs["completion_mask"][:, 1:].bool()
-        labels = inputs["input_ids"][:, 1:].masked_fill(~completion, -100)
+        # padded: position t predicts token t + 1 of its row; packed: every position, labels already per sequence
+        hidden = policy_forward.hidden if packed else policy_forward.hidden[:, :-1]
+        ref_hidden = ref_hidden if packed else ref_hidden[:, :-1]
 
         def head_streams():
             # lm_head's parameters are read here, inside its forward: FSDP2 swaps the sharded parameters of an
@@ -177,7 +206,11 @@ class EpsilonDPOTrainer(DPOTrainer):
         ref_head_params = () if ref_view.module is view.module else tuple(ref_view.module.parameters())
         with ref_gathered, maybe_gather_lm_head_ctx(*ref_head_params):
             streams = _run_as_forward_of(view.module, head_streams)
-        policy, ref_lp, plus, minus = (sequence_logps(s).chunk(2) for s in streams)  # each (chosen [B], rejected [B])
+        if packed is None:
+            sums = [sequence_logps(s) for s in streams]
+        else:
+            sums = [segment_logps(s, packed.segment_ids, packed.n_rows) for s in streams]
+        policy, ref_lp, plus, minus = (s.chunk(2) for s in sums)  # each (chosen [B], rejected [B])
         out = edpo_loss(
             policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
             beta=self.beta_controller.beta,
@@ -207,6 +240,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         if mode == "train":
             self.beta_controller.accumulate(out.decisions, contributes)
         self._log_pair_metrics(mode, inputs, out, policy, contributes)
+        backbone_tokens = model_kwargs["input_ids"].new_tensor(model_kwargs["input_ids"].numel())
+        # positions one backbone forward ran on (real tokens and padding), summed over ranks, per micro-batch
+        self._metrics[mode]["backbone_tokens"].append(self.accelerator.gather(backbone_tokens).sum().item())
         return loss
 
     def _log_pair_metrics(self, mode, inputs, out, policy, contributes) -> None:
@@ -273,22 +309,38 @@ class EpsilonDPOTrainer(DPOTrainer):
         reads (the same call path as :meth:`_compute_edpo_loss`) against the policy's and the reference's own plain
         forward — two separate calls (see ``head_check.py``). Runs on every rank's first training micro-batch (its
         forwards take the same collectives everywhere); returns True."""
-        ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-        labels = ids[:, 1:]
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self._padding_free:
+            # two sequences packed the way training packs them, against each one's own unpadded forward: an
+            # attention that lets the second see the first, or ignores the restarted positions, shows up here
+            ids, mask = check_pair(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            packed = pack_rows(ids, mask)
+            kwargs = {**packed_model_kwargs(packed), "use_cache": False}
+            labels, scored = packed.labels, packed.labels != -100
+            hidden_positions = slice(None)
+        else:
+            ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+            labels, scored = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
+            hidden_positions = slice(None, -1)
+        own_rows = [ids[i : i + 1, : int(n)] for i, n in enumerate(mask.sum(dim=1))]
         wrapped = _is_wrapped(model, unwrapped)
 
         def fused(view: HeadView, hidden: torch.Tensor, adapters: bool) -> torch.Tensor:
             weight, bias = view.weight_and_bias(adapters=adapters)
+            hidden = hidden[:, hidden_positions]
             return linear_logprobs(
-                hidden[:, :-1], weight, labels, ref_hidden=hidden[:, :-1], ref_weight=weight, bias=bias,
+                hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, bias=bias,
                 ref_bias=bias, epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk, vocab_chunk=self.args.edpo_head_vocab_chunk,
-            ).policy  # fmt: skip
+            ).policy[scored].unsqueeze(0)  # fmt: skip
 
         def own(forward_model: torch.nn.Module, view: HeadView):
-            forward = lambda: forward_model(**kwargs).logits  # noqa: E731
-            return own_forward_logprobs(forward, view.module, labels, view.transform.scale)
+            parts = []
+            for row in own_rows:
+                row_kwargs = {"input_ids": row, "attention_mask": torch.ones_like(row), "use_cache": False}
+                forward = lambda kw=row_kwargs: forward_model(**kw).logits  # noqa: E731
+                parts.append(own_forward_logprobs(forward, view.module, row[:, 1:], view.transform.scale))
+            return merge_own(parts)
 
         def training_path(kw: dict) -> tuple[torch.Tensor, HeadView, bool]:
             view = describe_head(unwrapped)
@@ -321,7 +373,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                     got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, ref_hidden, ref_adapters))
             checks.append((own_ref, got, f"{type(view.causal_lm).__name__} (reference)"))
         for own_forward, got, what in checks:
-            worst = compare_with_model(own_forward, got, what)
+            worst = compare_with_model(own_forward, got, what, packed=self._padding_free)
             logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
         return True
 
@@ -406,6 +458,12 @@ def sequence_logps(token_logps: torch.Tensor) -> torch.Tensor:
     """float64 ``[B]``: per-sequence sums of ``[B, T]`` token log-probs. float64 because the decisions compare sums
     that differ by O(ε) and must not flip by rounding (fp32 sums of a few thousand tokens do)."""
     return token_logps.double().sum(-1)
+
+
+def packed_model_kwargs(packed: PackedBatch) -> dict[str, torch.Tensor]:
+    """Forward arguments of a packed row: token ids and restarting ``position_ids`` ``[1, N]``, and no attention
+    mask, so that transformers splits attention at every sequence start."""
+    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
 
 
 def _is_wrapped(model: torch.nn.Module, unwrapped: torch.nn.Module) -> bool:

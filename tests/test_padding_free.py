@@ -1,0 +1,186 @@
+"""Padding-free ε-DPO (``padding_free=True``) against the padded run of the same batch through the same trainer, and
+against the model's own padded forward: streams, loss, gradients, decisions, the first-step check, β over 4 steps."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from varied_rows import varied_rows
+
+import edpo_plugin.trainer.trainer as trainer_module
+from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
+from edpo_plugin.trainer.head_check import HeadMismatchError
+from edpo_plugin.trainer.packing import pack_rows
+
+BETA, EPS = 0.1, 0.2
+
+
+def _tiny_llama(tok, attn: str = "sdpa") -> LlamaForCausalLM:
+    """A 2-layer Llama with weights large enough that attention across a sequence boundary moves the log-probs."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).float()
+
+
+def _trainer(tiny, out, padding_free: bool, attn: str = "sdpa", n_rows: int = 16, **overrides) -> EpsilonDPOTrainer:
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    model = _tiny_llama(tok, attn)
+    kwargs = dict(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
+        learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+        beta=BETA, epsilon=EPS, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=64,
+        edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24, bf16=False,
+        padding_free=padding_free,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    dataset = Dataset.from_list(varied_rows(tiny["train"], n_rows))
+    return EpsilonDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=EpsilonDPOConfig(**kwargs),
+                             train_dataset=dataset, processing_class=tok)  # fmt: skip
+
+
+class _Recorder:
+    """Wraps the trainer's ``linear_logprobs`` and ``edpo_loss`` to keep what they returned."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.streams, self.outs = [], []
+        real_head, real_loss = trainer_module.linear_logprobs, trainer_module.edpo_loss
+
+        def head(*args, **kwargs):
+            out = real_head(*args, **kwargs)
+            self.streams.append([t.detach().clone() for t in out])
+            return out
+
+        def loss(*args, **kwargs):
+            out = real_loss(*args, **kwargs)
+            self.outs.append(out)
+            return out
+
+        monkeypatch.setattr(trainer_module, "linear_logprobs", head)
+        monkeypatch.setattr(trainer_module, "edpo_loss", loss)
+
+
+def _padded_layout(packed_stream: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[R, T-1]``: a packed ``[1, N]`` token stream put back where the padded run has it (row r's real tokens
+    start at column 0; position t predicts token t + 1), from the attention mask alone."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    out = torch.zeros(attention_mask.shape[0], attention_mask.shape[1] - 1, dtype=packed_stream.dtype)
+    start = 0
+    for r, n in enumerate(lengths):
+        out[r, : n - 1] = packed_stream[0, start : start + n - 1]
+        assert packed_stream[0, start + n - 1] == 0, f"row {r}: its last token predicted the next sequence"
+        start += n
+    assert start == packed_stream.shape[1]
+    return out
+
+
+def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
+    trainer._padding_free = padding_free
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), recorder.streams[-1], recorder.outs[-1], grads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkeypatch, attn):
+    recorder = _Recorder(monkeypatch)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn=attn)
+    with torch.no_grad():  # the policy away from the reference, so that decisions are not all 0
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(iter(trainer.get_train_dataloader()))
+    mask = batch["attention_mask"]
+    assert not bool(mask.all()), "the batch should carry padding"
+    trainer.model.train()
+    trainer._head_checked = True  # the check has its own test; here the streams are compared directly
+
+    loss_pad, streams_pad, out_pad, grads_pad = _run_step(trainer, batch, False, recorder)
+    loss_pf, streams_pf, out_pf, grads_pf = _run_step(trainer, batch, True, recorder)
+
+    # the backbone saw only real tokens
+    assert streams_pf[0].shape == (1, int(mask.sum()))
+    completion = batch["completion_mask"][:, 1:].bool()
+    for name, pad, pf in zip(("policy", "reference", "plus", "minus"), streams_pad, streams_pf, strict=True):
+        pf = _padded_layout(pf, mask)
+        assert (pf[~completion] == 0).all(), f"{name}: a non-completion token was scored"
+        assert (pf - pad).abs().max().item() <= 1e-5, f"{name}: packed and padded token log-probs differ"
+    # and the policy stream is the model's own padded forward
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, :-1].double()
+    own = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * completion
+    assert (_padded_layout(streams_pf[0], mask).double() - own).abs().max().item() <= 1e-5
+
+    assert trainer._metrics["train"]["backbone_tokens"] == [batch["input_ids"].numel(), int(mask.sum())]
+    assert torch.equal(out_pf.decisions, out_pad.decisions)
+    assert out_pad.decisions.abs().sum() > 0, "the batch should move β"
+    assert abs(loss_pf.item() - loss_pad.item()) <= 1e-6 * abs(loss_pad.item())
+    assert grads_pf.keys() == grads_pad.keys() == {n for n, _ in trainer.model.named_parameters()}
+    for name, g in grads_pad.items():
+        rel = ((grads_pf[name] - g).norm() / g.norm()).item()
+        assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def _betas_and_losses(trainer) -> tuple[list[float], list[float]]:
+    logs = trainer.state.log_history
+    return [h["kl/beta"] for h in logs if "kl/beta" in h], [h["loss"] for h in logs if "loss" in h]
+
+
+def test_four_steps_padded_and_padding_free_give_the_same_beta(tiny_default, tmp_path):
+    """Through ``train()`` with the first-step check on: β after each of 4 optimizer steps and the losses agree."""
+    runs = {}
+    for padding_free in (False, True):
+        trainer = _trainer(tiny_default, tmp_path / str(padding_free), padding_free=padding_free,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=2)  # fmt: skip
+        trainer.train()
+        runs[padding_free] = (*_betas_and_losses(trainer), trainer.beta_controller.beta)
+    (betas_pad, losses_pad, final_pad), (betas_pf, losses_pf, final_pf) = runs[False], runs[True]
+    assert len(betas_pad) == 4 and final_pad != BETA, "the run should move β"
+    assert betas_pf == pytest.approx(betas_pad, rel=1e-6)
+    assert final_pf == pytest.approx(final_pad, rel=1e-6)
+    assert losses_pf == pytest.approx(losses_pad, rel=1e-5)
+
+
+def test_pack_rows_keeps_labels_inside_each_sequence():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    completion = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1]])
+    packed = pack_rows(ids, mask, completion)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert packed.segment_ids.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert packed.labels.tolist() == [[6, 7, -100, 9, -100, -100, 3, 4, -100]]
+    assert pack_rows(ids, mask).labels.tolist() == [[6, 7, -100, 9, -100, 2, 3, 4, -100]]
+
+
+def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_path, monkeypatch):
+    """A model whose attention does not split at restarting position_ids (here: transformers' packed-sequence
+    detection switched off, so the packed row runs one causal mask) is stopped by the first-step check, naming it."""
+    import transformers.masking_utils as masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1)
+    with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
+        trainer.train()
+
+
+def test_unsupported_attention_and_batch_keys_are_refused(tiny_default, tmp_path):
+    from edpo_plugin.trainer.packing import check_packable
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
+    model = _tiny_llama(tok)
+    model.config._attn_implementation = "paged|sdpa"
+    with pytest.raises(ValueError, match=re.escape("LlamaForCausalLM runs attn_implementation='paged|sdpa'")):
+        check_packable(model, ())
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
+        check_packable(model, ["input_ids", "attention_mask", "completion_mask", "pixel_values"])
