@@ -33,6 +33,8 @@ ZERO3 = {
 
 
 def main(model_dir: str, train_file: str, out_dir: str, world: int, engine: str) -> None:
+    padding_free = engine.endswith("+padding_free")  # e.g. "ddp+padding_free": the same run with padding_free=True
+    engine = engine.removesuffix("+padding_free")
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = EpsilonDPOConfig(
@@ -40,6 +42,7 @@ def main(model_dir: str, train_file: str, out_dir: str, world: int, engine: str)
         lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", beta=0.1, epsilon=0.2,
         seed=0, use_cpu=True, ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0, disable_tqdm=True,
         max_length=64, edpo_head="chunked", bf16=False, deepspeed=ZERO3 if engine == "zero3" else None,
+        padding_free=padding_free,
     )  # fmt: skip
     if engine == "zero3":
         import deepspeed

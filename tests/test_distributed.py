@@ -24,9 +24,9 @@ def _torchrun(world: int, script: Path, *script_args: str) -> None:
     assert done.returncode == 0, done.stderr[-5000:]
 
 
-def _launch(tiny: dict, out: Path, world: int, engine: str = "ddp") -> list[dict]:
+def _launch(tiny: dict, out: Path, world: int, engine: str = "ddp", train_file: Path | None = None) -> list[dict]:
     out.mkdir()
-    _torchrun(world, WORKER, str(tiny["model"]), str(tiny["train"]), str(out), str(world), engine)
+    _torchrun(world, WORKER, str(tiny["model"]), str(train_file or tiny["train"]), str(out), str(world), engine)
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -62,6 +62,23 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, sing
     for name, norm in single["param_norms"].items():
         assert ranks[0]["param_norms"][name] == pytest.approx(norm, rel=1e-5), name
     assert single["param_norms"]["lm_head.weight"] != pytest.approx(before["lm_head.weight"], rel=1e-4)
+
+
+def test_two_ranks_padding_free_match_one_padded_process(tiny_default, tmp_path):
+    """DDP on 2 ranks, each packing its own micro-batch (rows of varied lengths), against one padded process: the
+    same β after every step, the same decisions, losses and trained weights."""
+    from varied_rows import write_varied_rows
+
+    data = write_varied_rows(tiny_default["train"], 16, tmp_path / "varied.jsonl")
+    (padded,) = _launch(tiny_default, tmp_path / "w1", 1, "ddp", train_file=data)
+    ranks = _launch(tiny_default, tmp_path / "w2", 2, "ddp+padding_free", train_file=data)
+    assert any(a != 0 for a in padded["avg_steps"]), "the run should move β"
+    assert ranks[0]["betas"] == ranks[1]["betas"] == pytest.approx(padded["betas"], rel=1e-6)
+    assert ranks[0]["avg_steps"] == pytest.approx(padded["avg_steps"], abs=1e-12)
+    assert ranks[0]["final_beta"] == pytest.approx(padded["final_beta"], rel=1e-6)
+    assert ranks[0]["losses"] == pytest.approx(padded["losses"], rel=1e-4)
+    for name, norm in padded["param_norms"].items():
+        assert ranks[0]["param_norms"][name] == pytest.approx(norm, rel=1e-5), name
 
 
 def _launch_fsdp(tiny: dict, out: Path, world: int, layout: str) -> dict:

@@ -31,9 +31,23 @@ def _tiny_llama(tok, attn: str = "sdpa") -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float()
 
 
-def _trainer(tiny, out, padding_free: bool, attn: str = "sdpa", n_rows: int = 16, **overrides) -> EpsilonDPOTrainer:
+def _tiny_mixtral(tok) -> torch.nn.Module:
+    """A 2-layer Mixtral whose forward returns its router auxiliary loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, initializer_range=0.2, output_router_logits=True,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)  # fmt: skip
+    return MixtralForCausalLM(config).float()
+
+
+def _trainer(tiny, out, padding_free: bool, attn: str = "sdpa", n_rows: int = 16, moe: bool = False,
+             **overrides) -> EpsilonDPOTrainer:  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    model = _tiny_llama(tok, attn)
+    model = _tiny_mixtral(tok) if moe else _tiny_llama(tok, attn)
     kwargs = dict(
         output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
         learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
@@ -128,6 +142,25 @@ def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkey
     for name, g in grads_pad.items():
         rel = ((grads_pf[name] - g).norm() / g.norm()).item()
         assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def test_moe_router_aux_loss_is_the_padded_one(tiny_default, tmp_path, monkeypatch):
+    """Packed, the router's load-balancing loss averages over the real tokens without an attention mask; padded, over
+    the attention mask's ones: the same tokens, so the same auxiliary loss and total loss."""
+    recorder = _Recorder(monkeypatch)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, moe=True, router_aux_loss_coef=0.5)
+    assert trainer.aux_loss_enabled
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert not bool(batch["attention_mask"].all())
+    trainer.model.train()
+    trainer._head_checked = True
+    loss_pad, _, _, grads_pad = _run_step(trainer, batch, False, recorder)
+    loss_pf, _, _, grads_pf = _run_step(trainer, batch, True, recorder)
+    aux_pad, aux_pf = trainer._metrics["train"]["aux_loss"]
+    assert aux_pad > 0 and aux_pf == pytest.approx(aux_pad, rel=1e-6)
+    assert abs(loss_pf.item() - loss_pad.item()) <= 1e-6 * abs(loss_pad.item())
+    for name, g in grads_pad.items():
+        assert ((grads_pf[name] - g).norm() / g.norm().clamp(min=1e-30)).item() <= 1e-5, name
 
 
 def _betas_and_losses(trainer) -> tuple[list[float], list[float]]:

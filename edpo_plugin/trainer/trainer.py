@@ -4,7 +4,8 @@ Per micro-batch: the policy and reference backbones run to last hidden states (f
 ``edpo_plugin.ops.linear_logprobs`` returns the policy, reference and both ε-mix token log-probs, and
 ``edpo_plugin.loss.edpo_loss`` applies the sigmoid loss with β_i. Decisions are accumulated; after every optimizer
 step a callback applies ``β ← β / (1 + ε·s̄)`` and logs ``kl/*``. β is written to ``edpo_state.json`` beside every
-saved model and restored by ``train(resume_from_checkpoint=...)``.
+saved model and restored by ``train(resume_from_checkpoint=...)``. With ``padding_free=True`` the micro-batch's
+sequences run packed into one row, without padding (``packing.py``).
 """
 
 from __future__ import annotations
