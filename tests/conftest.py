@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import torch
@@ -16,8 +17,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_default(tmp_path_factory):
-    """The embedded tiny default (model, tokenizer, data) built by scripts/make_tiny_default.py."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from make_tiny_default import build_tiny_default
-
-    return build_tiny_default(tmp_path_factory.mktemp("tiny"))
+    """The embedded tiny default (model, tokenizer, data), built by its own entry point, scripts/make_tiny_default.py;
+    the paths of its layout."""
+    out = tmp_path_factory.mktemp("tiny")
+    script = os.path.join(REPO, "scripts", "make_tiny_default.py")
+    subprocess.run([sys.executable, script, "--out", str(out)], check=True, capture_output=True, text=True)
+    return {
+        "root": out,
+        "tokenizer": out / "tokenizer",
+        "model": out / "model",
+        "data": out / "data",
+        "train": out / "data" / "train.jsonl",
+        "eval": out / "data" / "eval.jsonl",
+        "prepared": out / "prepared",
+    }

