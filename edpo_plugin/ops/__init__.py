@@ -28,7 +28,7 @@ from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
 IMPLS = ("auto", "naive", "chunked", "triton")
-# What "auto" runs on CUDA: the argmin of the modelled time in docs/roofline.json (tests/test_roofline.py keeps the
+# What "auto" runs on CUDA: the argmin of the modelled time in docs/roofline.json (tests/ops/test_roofline.py keeps the
 # two in step; docs/bench_head_gpu.json, once a GPU has measured, takes precedence there).
 AUTO_ON_CUDA = "triton"
 

@@ -24,8 +24,8 @@ class EpsilonDPOFields:
     edpo_head: str = field(
         default="auto",
         metadata={
-            "help": "Log-prob head: 'auto' (Triton on CUDA, else chunked), 'chunked', 'triton' or 'naive' "
-            "(materialises full-vocabulary logits, as the authors' reference trainer does).",
+            "help": "Log-prob head: 'auto' (the modelled-best path on CUDA, chunked elsewhere), 'chunked', 'triton' "
+            "or 'naive' (materialises full-vocabulary logits, as the authors' reference trainer does).",
             "choices": list(IMPLS),
         },
     )

@@ -13,7 +13,7 @@ import pytest
 
 from edpo_plugin.ops import triton_available
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("tp_trainer_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "workers" / "tp_trainer_worker.py"
 
 
 def _run(tiny: dict, out: Path, world: int) -> list[dict]:

@@ -288,6 +288,7 @@ def test_doubled_bos_through_axolotls_chat_template_strategy(tiny_default, tmp_p
     pytest.importorskip("axolotl", reason="the plain-TRL environment has no Axolotl")
     from axolotl.prompt_strategies.dpo.chat_template import default as chat_template_default
     from datasets import Dataset
+
     tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
     chatml = tok.chat_template  # the tiny default's own ChatML template
     rows = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "workers" / "dist_worker.py"
 
 
 def _torchrun(world: int, script: Path, *script_args: str) -> None:

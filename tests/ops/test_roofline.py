@@ -12,7 +12,7 @@ import pytest
 
 from edpo_plugin.ops import AUTO_ON_CUDA, IMPLS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMITTED = json.loads(open(os.path.join(REPO, "docs", "roofline.json")).read())
 OWN = [p for p in IMPLS if p != "auto"]
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parents[1] / "workers" / "axolotl_config_worker.py"
 EXAMPLES = ROOT / "yaml_examples"
 MODELS = {"llama3-8b-instruct": "llama", "mistral-7b-instruct-v0.2": "mistral"}
 VARIANTS = ("lora", "qlora", "full-zero3", "full-fsdp")
@@ -99,7 +100,7 @@ def validated(tiny_default, tmp_path_factory) -> dict:
     jobs_file.write_text(json.dumps(jobs))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "axolotl_config_worker.py"), str(jobs_file), str(results_file)],
+        [sys.executable, str(WORKER), str(jobs_file), str(results_file)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+WORKERS = Path(__file__).resolve().parents[1] / "workers"
 
 
 def _torchrun(world: int, script: Path, *args: str) -> None:
@@ -29,7 +29,7 @@ def _torchrun(world: int, script: Path, *args: str) -> None:
 
 
 def _ranks(script: str, out: Path, world: int = 2) -> list[dict]:
-    _torchrun(world, HERE / script, str(out))
+    _torchrun(world, WORKERS / script, str(out))
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -123,7 +123,7 @@ def test_tp_plan_auto_llama_head_matches_whole_model(tiny_default, tmp_path):
     decoder hands the head plain (replicated) hidden states, and ``linear_logprobs`` on the TP weights gives the
     whole model's four streams, its own ``log_softmax(logits)`` at the labels (policy and reference), and the
     gradients of lm_head, the final norm, the embeddings, a colwise and two rowwise projections."""
-    _torchrun(2, HERE / "tp_model_worker.py", str(tiny_default["model"]), str(tmp_path))
+    _torchrun(2, WORKERS / "tp_model_worker.py", str(tiny_default["model"]), str(tmp_path))
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
         layout = res["layout"]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tp_comm_bytes.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tp_comm_bytes.py"
 
 
 def test_formula_matches_gloo_bytes(tmp_path):

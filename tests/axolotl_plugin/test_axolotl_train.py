@@ -13,7 +13,7 @@ import yaml
 from spec_reference import beta_trajectory64
 from varied_rows import write_varied_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 

@@ -30,10 +30,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / ".models" / "smollm2-135m-instruct"
 BETA, EPS = 0.1, 0.1  # ε larger than the paper's 0.01 so that ε-decisions are far from fp32 ties
 STEPS = 3
+
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True)
@@ -207,7 +208,7 @@ def test_axolotl_lora_adapter_merges_and_generates(smollm2, hh_short, tmp_path):
     from peft import PeftModel
 
     data = tmp_path / "train.jsonl"
-    prepare_hh.write_jsonl(hh_short[:4], data)
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in hh_short[:4]), encoding="utf-8")
     cfg = yaml.safe_load((REPO / "yaml_examples" / "smollm2-135m-edpo-lora.yaml").read_text())
     cfg.update(base_model=str(smollm2), dataset_prepared_path=str(tmp_path / "prepared"),
                output_dir=str(tmp_path / "out"), max_steps=1, save_steps=1, micro_batch_size=2,
