@@ -18,23 +18,19 @@ Imports only torch (and triton, lazily).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, chunked_linear_logprobs
+from edpo_plugin.ops.contract import LinearLogprobs, check_inputs
+from edpo_plugin.ops.dispatch import AUTO_ON_CUDA, IMPLS, auto_cuda_impl, resolve_impl, triton_available
 from edpo_plugin.ops.naive import naive_linear_logprobs
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
-IMPLS = ("auto", "naive", "chunked", "triton")
-# What "auto" runs on CUDA: the argmin of the modelled time in docs/roofline.json (tests/ops/test_roofline.py keeps the
-# two in step; docs/bench_head_gpu.json, once a GPU has measured, takes precedence there).
-AUTO_ON_CUDA = "triton"
-
 __all__ = [
     "AUTO_ON_CUDA",
     "IMPLS",
+    "auto_cuda_impl",
     "LinearLogprobs",
     "LogitTransform",
     "linear_logprobs",
@@ -42,51 +38,6 @@ __all__ = [
     "triton_available",
     "vocab_parallel_linear_logprobs",
 ]
-
-
-class LinearLogprobs(NamedTuple):
-    """Per-token log-probs, each fp32 with the shape of ``labels``; 0 where ``labels == ignore_index``.
-
-    ``policy`` = log softmax(z_θ)[y] (carries the gradient), ``ref`` = log softmax(z_ref)[y],
-    ``plus`` = log softmax((1+ε)z_θ − εz_ref)[y], ``minus`` = log softmax((1−ε)z_θ + εz_ref)[y], where
-    ``z = transform(W h + b)`` for policy and reference alike.
-    """
-
-    policy: torch.Tensor
-    ref: torch.Tensor
-    plus: torch.Tensor
-    minus: torch.Tensor
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Map ``impl`` (one of :data:`IMPLS`) to a concrete implementation for ``dtype`` tensors on ``device``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    if impl == "auto":
-        if device.type != "cuda":
-            return "chunked"
-        choice = auto_cuda_impl()
-        if choice != "triton":
-            return choice
-        if not triton_available():
-            return "chunked"
-        from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
-
-        return "triton" if triton_passes_self_check(device, dtype) else "chunked"
-    return impl
-
-
-def auto_cuda_impl() -> str:
-    """The implementation ``"auto"`` prefers on CUDA (:data:`AUTO_ON_CUDA`), before the Triton self-check."""
-    return AUTO_ON_CUDA
 
 
 def linear_logprobs(
@@ -127,7 +78,7 @@ def linear_logprobs(
         ``hidden``, and to ``weight``/``bias`` when they require grad. Computed in fp32 with autocast disabled,
         whatever the input dtype and the caller's autocast state.
     """
-    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index)
+    check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index)
     if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
         return dtensor_linear_logprobs(
             hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=epsilon, bias=bias,
@@ -154,44 +105,3 @@ def linear_logprobs(
             use_triton=kind == "triton",
         )
     return LinearLogprobs(*(s.reshape(lead_shape) for s in streams))
-
-
-def _check_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    epsilon: float,
-    bias: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    ignore_index: int,
-    check_labels: bool = True,
-) -> None:
-    if not 0.0 < float(epsilon) < 1.0:
-        raise ValueError(f"epsilon must lie strictly between 0 and 1, got {epsilon!r}.")
-    if hidden.shape != ref_hidden.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and ref_hidden {tuple(ref_hidden.shape)} must match.")
-    if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}.")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}.")
-    for name, w in (("weight", weight), ("ref_weight", ref_weight)):
-        if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
-            raise ValueError(f"{name} must be [V, {hidden.shape[-1]}], got {tuple(w.shape)}.")
-    if weight.shape[0] != ref_weight.shape[0]:
-        raise ValueError(
-            f"weight and ref_weight disagree on the vocabulary: {weight.shape[0]} vs {ref_weight.shape[0]}."
-        )
-    for name, b in (("bias", bias), ("ref_bias", ref_bias)):
-        if b is not None and b.shape != (weight.shape[0],):
-            raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")
-    if not check_labels:  # a local vocabulary shard: linear_logprobs checked against the whole vocabulary
-        return
-    vocab = weight.shape[0]  # the whole vocabulary, also for a vocab-sharded DTensor
-    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(outside.any()):  # one device sync; an out-of-range label would give NaN (Triton) or a bare index error
-        raise ValueError(
-            f"labels hold {int(labels[outside][0])}, outside the vocabulary [0, {vocab}) and not ignore_index="
-            f"{ignore_index}: check the tokenizer against the model's lm_head (vocab_size)."
-        )

@@ -62,7 +62,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton head agrees with the chunked head, else a description of the first disagreement."""
-    from edpo_plugin.ops import LogitTransform, linear_logprobs
+    from edpo_plugin.ops.chunked import chunked_linear_logprobs
+    from edpo_plugin.ops.transform import LogitTransform
 
     g = torch.Generator().manual_seed(0)
     from edpo_plugin.ops.chunked import DEFAULT_VOCAB_CHUNK
@@ -87,10 +88,10 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
             b = bias.clone().requires_grad_(trainable)
             wr, br = (ref_weight, ref_bias) if trainable else (w, b)
             with torch.enable_grad():
-                out = linear_logprobs(h, w, labels, ref_hidden=ref_hidden, ref_weight=wr, epsilon=0.05, bias=b,
-                                      ref_bias=br, transform=transform, impl=impl)  # fmt: skip
+                out = chunked_linear_logprobs(h, w, labels, ref_hidden, wr, 0.05, b, br, -100, transform=transform,
+                                              use_triton=impl == "triton")  # fmt: skip
                 leaves = [h, w, b] if trainable else [h]
-                grads = torch.autograd.grad((out.policy * upstream).sum(), leaves)
+                grads = torch.autograd.grad((out[0] * upstream).sum(), leaves)
             results[impl] = (tuple(out), grads)
         head = "trainable" if trainable else "frozen"
         for name, got, want in zip(("policy", "ref", "plus", "minus"), results["triton"][0], results["chunked"][0]):

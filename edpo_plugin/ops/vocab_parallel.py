@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, folds
+from edpo_plugin.ops.contract import LinearLogprobs, check_inputs
+from edpo_plugin.ops.dispatch import resolve_impl
 from edpo_plugin.ops.engine import (
     HeadOperands,
     Tiles,
@@ -103,9 +105,7 @@ def vocab_parallel_linear_logprobs(
         to ``hidden`` (the full gradient on every rank, after one all-reduce) and to this rank's ``weight``/``bias``
         shard when they require grad.
     """
-    from edpo_plugin.ops import LinearLogprobs, _check_inputs, resolve_impl
-
-    _check_inputs(
+    check_inputs(
         hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index, check_labels=False
     )
     if vocab_start < 0:

@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from edpo_plugin import ops
-from edpo_plugin.ops import resolve_impl, triton_available
+from edpo_plugin.ops import dispatch, resolve_impl, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -88,7 +87,7 @@ def test_auto_consults_the_self_check_on_cuda_only(selfcheck, monkeypatch):
         return check
 
     cuda = torch.device("cuda", 0)  # resolve_impl only inspects the device; nothing runs on it
-    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     monkeypatch.setattr(selfcheck, "triton_passes_self_check", verdict(False))
     assert resolve_impl("auto", cuda, torch.bfloat16) == "chunked"
     monkeypatch.setattr(selfcheck, "triton_passes_self_check", verdict(True))
