@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from spec_reference import beta_trajectory64, decisions64, loss64
 
 from edpo_plugin.loss import BetaController, edpo_loss, epsilon_decisions, pair_betas
+from tests.spec_reference import beta_trajectory64, decisions64, loss64
 
 
 def _random_pairs(n: int, seed: int):

@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from edpo_plugin.trainer.packed_attention import PACKED_SDPA
+
 # Attention implementations whose masks transformers builds from restarting position_ids when no attention mask is
 # given (packed-sequence detection), or which run varlen from them (FlashAttention).
-PACKED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+PACKED_ATTENTION = ("eager", "sdpa", PACKED_SDPA, "flash_attention_2", "flash_attention_3", "flex_attention")
 # Batch keys a packed forward can take: anything else (token_type_ids, pixel_values, …) is laid out per padded row.
 PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 

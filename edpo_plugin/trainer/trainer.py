@@ -5,7 +5,8 @@ Per micro-batch: the policy and reference backbones run to last hidden states (f
 ``edpo_plugin.loss.edpo_loss`` applies the sigmoid loss with β_i. Decisions are accumulated; after every optimizer
 step a callback applies ``β ← β / (1 + ε·s̄)`` and logs ``kl/*``. β is written to ``edpo_state.json`` beside every
 saved model and restored by ``train(resume_from_checkpoint=...)``. With ``padding_free=True`` the micro-batch's
-sequences run packed into one row, without padding (``packing.py``).
+sequences run packed into one row, without padding (``packing.py``); an ``sdpa`` model then runs its attention once
+per packed sequence (``packed_attention.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from edpo_plugin.trainer.head_check import (
     own_forward_logprobs,
 )
 from edpo_plugin.trainer.model_head import HeadView, describe_head, forward_to_head, is_peft_head_wrapper
+from edpo_plugin.trainer.packed_attention import PACKED_SDPA, use_packed_sdpa
 from edpo_plugin.trainer.packing import PackedBatch, check_packable, pack_rows, segment_logps
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
@@ -94,9 +96,15 @@ class EpsilonDPOTrainer(DPOTrainer):
             _refuse_ref_adapter_with_head_wrapper(policy_view)
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
         if self._padding_free:
-            check_packable(policy_view.causal_lm, ())
+            packed_models = [policy_view.causal_lm]
             if self.ref_model is not None:
-                check_packable(describe_head(self.accelerator.unwrap_model(self.ref_model)).causal_lm, ())
+                packed_models.append(describe_head(self.accelerator.unwrap_model(self.ref_model)).causal_lm)
+            for causal_lm in packed_models:
+                check_packable(causal_lm, ())
+                # SDPA over the whole packed row would compute every cross-sequence score only to mask it
+                if use_packed_sdpa(causal_lm):
+                    logger.info("ε-DPO: padding_free=True runs %s's SDPA once per packed sequence (%s).",
+                                type(causal_lm).__name__, PACKED_SDPA)  # fmt: skip
             if not self.args.edpo_head_check:
                 logger.warning(
                     "ε-DPO: padding_free=True with edpo_head_check=False: nothing checks that %s's attention keeps "

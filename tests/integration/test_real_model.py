@@ -25,10 +25,10 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from spec_reference import decisions64, loss64
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
+from tests.spec_reference import decisions64, loss64
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / ".models" / "smollm2-135m-instruct"

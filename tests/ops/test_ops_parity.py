@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from spec_reference import decisions64, token_logprobs64
 
 from edpo_plugin.loss import epsilon_decisions
 from edpo_plugin.ops import LogitTransform, linear_logprobs, triton_available
+from tests.spec_reference import decisions64, token_logprobs64
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from varied_rows import varied_rows
 
 import edpo_plugin.trainer.trainer as trainer_module
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 from edpo_plugin.trainer.head_check import HeadMismatchError
 from edpo_plugin.trainer.packing import pack_rows
+from tests.varied_rows import varied_rows
 
 BETA, EPS = 0.1, 0.2
 
@@ -196,12 +196,13 @@ def test_pack_rows_keeps_labels_inside_each_sequence():
 
 
 def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_path, monkeypatch):
-    """A model whose attention does not split at restarting position_ids (here: transformers' packed-sequence
-    detection switched off, so the packed row runs one causal mask) is stopped by the first-step check, naming it."""
+    """A model whose attention does not split at restarting position_ids (here: eager attention with transformers'
+    packed-sequence detection switched off, so the packed row runs one causal mask) is stopped by the first-step
+    check, naming it."""
     import transformers.masking_utils as masking_utils
 
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="eager", max_steps=1)
     with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
         trainer.train()
 
@@ -217,3 +218,58 @@ def test_unsupported_attention_and_batch_keys_are_refused(tiny_default, tmp_path
     model.config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
         check_packable(model, ["input_ids", "attention_mask", "completion_mask", "pixel_values"])
+
+
+def _own_forward_per_sequence(model, sequences: list[torch.Tensor]) -> torch.Tensor:
+    """``[N, V]`` float64: each sequence's logits from the model's own unpadded forward, one sequence at a time."""
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids[None]).logits[0].double() for ids in sequences])
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_packed_sdpa_attends_within_each_sequence_only(tiny_default, monkeypatch, sliding_window):
+    """``PACKED_SDPA`` on a packed row gives each sequence the logits of the model's own forward on it alone, with
+    one SDPA call per sequence on that sequence's length (Σ L² scores, not N²); with a sliding window shorter than
+    the sequences, the window still applies inside each one."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edpo_plugin.trainer.packed_attention import PACKED_SDPA, use_packed_sdpa
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           initializer_range=0.2, sliding_window=sliding_window)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = MistralForCausalLM(config).float().eval()
+    lengths = [7, 12, 1, 9]
+    sequences = [torch.randint(0, 64, (n,)) for n in lengths]
+    expected = _own_forward_per_sequence(model, sequences)
+
+    assert use_packed_sdpa(model) and model.config._attn_implementation == PACKED_SDPA
+    query_lengths = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        query_lengths.append(query.shape[-2])
+        return real_sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = model(input_ids=torch.cat(sequences)[None], position_ids=positions, use_cache=False).logits[0].double()
+    assert query_lengths == lengths * config.num_hidden_layers
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    # the unpacked forward through PACKED_SDPA is transformers' sdpa
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real_sdpa)
+    assert (_own_forward_per_sequence(model, sequences) - expected).abs().max().item() == 0
+
+
+def test_padding_free_switches_sdpa_models_only(tiny_default, tmp_path):
+    from edpo_plugin.trainer.packed_attention import PACKED_SDPA
+
+    trainer = _trainer(tiny_default, tmp_path / "pf", padding_free=True)
+    assert trainer.model.config._attn_implementation == PACKED_SDPA
+    assert trainer.ref_model.config._attn_implementation == PACKED_SDPA
+    assert _trainer(tiny_default, tmp_path / "pad", padding_free=False).model.config._attn_implementation == "sdpa"
+    eager = _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager")
+    assert eager.model.config._attn_implementation == "eager"

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from datasets import Dataset, load_dataset
-from spec_reference import beta_trajectory64, decisions64, loss64
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edpo_plugin.trainer import EDPO_STATE_NAME, EpsilonDPOConfig, EpsilonDPOTrainer
+from tests.spec_reference import beta_trajectory64, decisions64, loss64
 
 BETA, EPS = 0.1, 0.2
 
@@ -125,23 +125,24 @@ def test_beta_trajectory_independent_of_micro_batch_and_accumulation(tiny_defaul
         assert f == pytest.approx(final, rel=1e-6), shape
 
 
-def test_resume_equals_straight_run(tiny_default, tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_resume_equals_straight_run(tiny_default, tmp_path, padding_free):
     k = 3
-    straight = _trainer(tiny_default, tmp_path / "straight", n_rows=8 * k, max_steps=2 * k)
+    straight = _trainer(tiny_default, tmp_path / "straight", n_rows=8 * k, max_steps=2 * k, padding_free=padding_free)
     straight.train()
 
-    first = _trainer(
-        tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k
-    )
+    first = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps",
+                     save_steps=k, padding_free=padding_free)  # fmt: skip
     first.args.max_steps = k  # stop after k steps, with the schedule of a 2k run
     first.train()
     ckpt = tmp_path / "resumed" / f"checkpoint-{k}"
     state = json.loads((ckpt / EDPO_STATE_NAME).read_text())
     assert state["beta"] == pytest.approx(first.beta_controller.beta, rel=0)
+    # padding-free switches the model to the plugin's per-sequence SDPA; the saved config must not name it
+    assert "edpo_packed_sdpa" not in (ckpt / "config.json").read_text()
 
-    second = _trainer(
-        tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps", save_steps=k
-    )
+    second = _trainer(tiny_default, tmp_path / "resumed", n_rows=8 * k, max_steps=2 * k, save_strategy="steps",
+                      save_steps=k, padding_free=padding_free)  # fmt: skip
     assert second.beta_controller.beta == BETA
     second.train(resume_from_checkpoint=str(ckpt))
     assert second.beta_controller.beta == pytest.approx(straight.beta_controller.beta, rel=1e-6)

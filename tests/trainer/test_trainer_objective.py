@@ -9,12 +9,12 @@ import logging
 import pytest
 import torch
 from datasets import load_dataset
-from spec_reference import decisions64, loss64
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 from edpo_plugin.trainer.head_check import HeadMismatchError
+from tests.spec_reference import decisions64, loss64
 
 TINY_EPS = 1e-8  # β_i = β(1 ± 1e-8): ε-DPO's loss is DPO's to far below fp32 rounding
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from spec_reference import beta_trajectory64
-from varied_rows import write_varied_rows
+
+from tests.spec_reference import beta_trajectory64
+from tests.varied_rows import write_varied_rows
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
