@@ -71,9 +71,10 @@ AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 def use_packed_sdpa(causal_lm: torch.nn.Module) -> bool:
-    """Switch a model running ``sdpa`` to ``PACKED_SDPA`` (True), or leave any other attention as it is (False)."""
+    """Switch a model running ``sdpa`` to ``PACKED_SDPA``; True when it now runs it. Any other attention, or a model
+    that cannot change its attention after loading (transformers warns), is left as it is (False)."""
     config = getattr(causal_lm, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     causal_lm.set_attn_implementation(PACKED_SDPA)
-    return True
+    return config._attn_implementation == PACKED_SDPA

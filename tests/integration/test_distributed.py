@@ -67,7 +67,7 @@ def test_two_ranks_share_beta_and_match_one_process(tiny_default, tmp_path, sing
 def test_two_ranks_padding_free_match_one_padded_process(tiny_default, tmp_path):
     """DDP on 2 ranks, each packing its own micro-batch (rows of varied lengths), against one padded process: the
     same β after every step, the same decisions, losses and trained weights."""
-    from varied_rows import write_varied_rows
+    from tests.varied_rows import write_varied_rows
 
     data = write_varied_rows(tiny_default["train"], 16, tmp_path / "varied.jsonl")
     (padded,) = _launch(tiny_default, tmp_path / "w1", 1, "ddp", train_file=data)
