@@ -1,15 +1,17 @@
 """Padded against padding-free ε-DPO on SmolLM2-135M-Instruct + HH harmless (the main job's model and data), one
-process each: backbone tokens per optimizer step, step time, peak RSS and the β trajectories of the two runs.
+process each: backbone tokens per optimizer step, step time, peak RSS and the β trajectories of the runs.
 
     python scripts/prepare_hh.py && python scripts/bench_padding_free.py --json docs/bench_padding_free.json
 
-Both runs train the same pairs in the same order: by default drawn at random (seed 0) from all pairs whose prompt +
-chosen and prompt + rejected fit in ``--seq-len`` tokens (Axolotl drops the others), or the first that fit
-(``--order file``); LoRA r 16 on all linear layers as the main job, fp32, SDPA. The padded run goes first, then the
-padding-free run, each in its own process (peak RSS is that process's); step times are the optimizer steps after the
-first of each run. Backbone tokens: the positions one backbone forward ran on (the logged
-``backbone_tokens``), summed over a step's micro-batches; real tokens: the attention mask's ones. Padding-free, the
-model's SDPA runs once per packed sequence (``edpo_plugin.trainer.packed_attention``).
+Three runs by default (``--modes``): ``padded`` (TRL's padded batch), ``packed`` (``padding_free=True``,
+``edpo_share_prompt=False``: each sequence packed whole) and ``shared`` (``padding_free=True`` with each pair's
+prompt run once for both completions, the default for an sdpa model). All train the same pairs in the same order:
+by default drawn at random (seed 0) from all pairs whose prompt + chosen and prompt + rejected fit in ``--seq-len``
+tokens (Axolotl drops the others), or the first that fit (``--order file``); LoRA r 16 on all linear layers as the
+main job, fp32, SDPA. Each run is its own process (peak RSS is that process's), one after the other; step times are
+the optimizer steps after the first of each run. Backbone tokens: the positions one backbone forward ran on (the
+logged ``backbone_tokens``), summed over a step's micro-batches; real tokens: the attention mask's ones.
+Padding-free, the model's SDPA runs once per packed sequence (``edpo_plugin.trainer.packed_attention``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ def _pairs(tokenizer, data: Path, seq_len: int, n: int, order: str) -> list[dict
     return rows
 
 
-def run(args: argparse.Namespace, padding_free: bool, dataset) -> dict:
+MODES = {
+    "padded": {"padding_free": False},
+    "packed": {"padding_free": True, "edpo_share_prompt": False},
+    "shared": {"padding_free": True, "edpo_share_prompt": True},
+}
+
+
+def run(args: argparse.Namespace, mode: str, dataset) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace, padding_free: bool, dataset) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.pairs, gradient_accumulation_steps=args.accum,
         max_steps=args.steps, learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1, report_to="none",
         save_strategy="no", use_cpu=True, bf16=False, max_length=args.seq_len, beta=0.1, epsilon=0.01, seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, padding_free=padding_free,
+        disable_tqdm=True, dataloader_num_workers=0, **MODES[mode],
     )  # fmt: skip
     step_times: list[float] = []
 
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace, padding_free: bool, dataset) -> dict:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     real = [h["num_tokens"] for h in logs]
     return {
-        "padding_free": padding_free,
+        "mode": mode,
         "backbone_tokens_per_step": [h["backbone_tokens"] * args.accum for h in logs],
         "real_tokens_per_step": [b - a for a, b in zip([0.0, *real[:-1]], real, strict=True)],
         "step_s": step_times,
@@ -101,16 +110,29 @@ def run(args: argparse.Namespace, padding_free: bool, dataset) -> dict:
 def data_ratios(tokenizer, data: Path, seq_len: int) -> dict[str, float]:
     """Real over padded tokens of the whole dataset (every pair that fits), in random micro-batches (seed 0) of 2, 4
     and 8 pairs, each padded as TRL's collator pads (its 2B sequences to the longest): a property of the data, and
-    the floor of padding-free's backbone tokens over padded."""
-    lengths = [
-        len(tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True)["input_ids"])
+    the floor of padding-free's backbone tokens over padded; and the same with each pair's common prefix (its prompt,
+    at least) counted once, the floor with shared prompts."""
+    sequences = [
+        [
+            tokenizer.apply_chat_template(pair["prompt"] + pair[k], tokenize=True)["input_ids"]
+            for k in ("chosen", "rejected")
+        ]
         for pair in _pairs(tokenizer, data, seq_len, n=-1, order="random")
-        for k in ("chosen", "rejected")
     ]
-    ratios = {"pairs_that_fit": len(lengths) // 2}
+    lengths = [len(s) for pair in sequences for s in pair]
+    prefixes = []
+    for chosen, rejected in sequences:
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        prefixes.append(n)
+    ratios = {"pairs_that_fit": len(sequences)}
     for b in (2, 4, 8):
-        batches = [lengths[i : i + 2 * b] for i in range(0, len(lengths) - 2 * b + 1, 2 * b)]
-        ratios[f"real_over_padded_{b}_pairs"] = sum(map(sum, batches)) / sum(len(x) * max(x) for x in batches)
+        starts = range(0, len(sequences) - b + 1, b)
+        padded = sum(2 * b * max(lengths[2 * i : 2 * i + 2 * b]) for i in starts)
+        ratios[f"real_over_padded_{b}_pairs"] = sum(sum(lengths[2 * i : 2 * i + 2 * b]) for i in starts) / padded
+        shared = sum(sum(lengths[2 * i : 2 * i + 2 * b]) - sum(prefixes[i : i + b]) for i in starts)
+        ratios[f"shared_prompt_over_padded_{b}_pairs"] = shared / padded
     return ratios
 
 
@@ -125,7 +147,8 @@ def main() -> None:
     p.add_argument("--order", choices=("random", "file"), default="random", help="which pairs (see _pairs)")
     p.add_argument("--json", default="bench_padding_free.json")
     p.add_argument("--data-only", action="store_true", help="only the whole dataset's real / padded tokens")
-    p.add_argument("--one-run", choices=("padded", "padding-free"), help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--modes", default="padded,packed,shared", help="runs, the first the baseline (see MODES)")
+    p.add_argument("--one-run", choices=tuple(MODES), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args()
 
     if args.data_only:
@@ -144,35 +167,47 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         pairs = _pairs(tokenizer, Path(args.data), args.seq_len, args.steps * args.pairs * args.accum, args.order)
-        result = run(args, args.one_run == "padding-free", Dataset.from_list(pairs))
+        result = run(args, args.one_run, Dataset.from_list(pairs))
         Path(args.json).write_text(json.dumps(result))
         return
+    modes = args.modes.split(",")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("padded", "padding-free"):
+        for mode in modes:
             out = Path(tmp) / f"{mode}.json"
-            skip = ("json", "one_run", "data_only")
+            skip = ("json", "one_run", "data_only", "modes")
             child = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
             subprocess.run([sys.executable, __file__, *child, "--one-run", mode, "--json", str(out)], check=True)
             runs.append(json.loads(out.read_text()))
-    padded, packed = runs
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    base = runs[0]
+    mean = lambda xs: sum(xs[1:]) / len(xs[1:])  # noqa: E731  (the first step also runs the first-step check)
     summary = {
-        "real_over_padded_tokens": sum(padded["real_tokens_per_step"]) / sum(padded["backbone_tokens_per_step"]),
-        "backbone_tokens_padded_over_packed": sum(padded["backbone_tokens_per_step"])
-        / sum(packed["backbone_tokens_per_step"]),
-        "step_s_padded": mean(padded["step_s"][1:]),
-        "step_s_packed": mean(packed["step_s"][1:]),
-        "step_time_packed_over_padded": mean(packed["step_s"][1:]) / mean(padded["step_s"][1:]),
-        "beta_max_rel_diff": max(abs(a - b) / b for a, b in zip(packed["beta"], padded["beta"], strict=True)),
-        "loss_max_rel_diff": max(abs(a - b) / abs(b) for a, b in zip(packed["loss"], padded["loss"], strict=True)),
-        "peak_rss_mib_padded": padded["peak_rss_mib"],
-        "peak_rss_mib_packed": packed["peak_rss_mib"],
+        "real_over_padded_tokens": sum(base["real_tokens_per_step"]) / sum(base["backbone_tokens_per_step"]),
+        f"step_s_{modes[0]}": mean(base["step_s"]),
+        f"peak_rss_mib_{modes[0]}": base["peak_rss_mib"],
     }
+    for other in runs[1:]:
+        name = f"{other['mode']}_over_{modes[0]}"
+        summary |= {
+            f"step_s_{other['mode']}": mean(other["step_s"]),
+            f"backbone_tokens_{name}": sum(other["backbone_tokens_per_step"]) / sum(base["backbone_tokens_per_step"]),
+            f"step_time_{name}": mean(other["step_s"]) / mean(base["step_s"]),
+            f"peak_rss_{name}": other["peak_rss_mib"] / base["peak_rss_mib"],
+            f"beta_max_rel_diff_{name}": max(abs(a - b) / b for a, b in zip(other["beta"], base["beta"], strict=True)),
+            f"loss_max_rel_diff_{name}": max(
+                abs(a - b) / abs(b) for a, b in zip(other["loss"], base["loss"], strict=True)
+            ),
+        }
+    print(f"{'':<26}" + "".join(f"{r['mode']:>10}" for r in runs))
+    rows = {"backbone tokens / step": lambda r: f"{sum(r['backbone_tokens_per_step']) / len(r['step_s']):>10.0f}",
+            "step time (s)": lambda r: f"{mean(r['step_s']):>10.2f}",
+            "peak RSS (MiB)": lambda r: f"{r['peak_rss_mib']:>10.0f}"}  # fmt: skip
+    for label, cell in rows.items():
+        print(f"{label:<26}" + "".join(cell(r) for r in runs))
     for key, value in summary.items():
         print(f"{key}: {value:.6g}")
     meta = {"date": date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "command": " ".join(["python", *sys.argv]), "seq_len": args.seq_len, "pairs": args.pairs,
+            "command": " ".join(["python", *sys.argv]), "seq_len": args.seq_len, "pairs": args.pairs, "modes": modes,
             "accum": args.accum, "steps": args.steps, "order": args.order,
             "load_avg_at_end": os.getloadavg()}  # fmt: skip
     Path(args.json).write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2) + "\n")

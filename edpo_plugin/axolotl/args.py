@@ -16,6 +16,7 @@ CFG_TO_ARGS = {
     "edpo_head_token_chunk": "edpo_head_token_chunk",
     "edpo_head_vocab_chunk": "edpo_head_vocab_chunk",
     "edpo_head_check": "edpo_head_check",
+    "edpo_share_prompt": "edpo_share_prompt",
 }
 _DEFAULTS = EpsilonDPOFields()
 
@@ -40,6 +41,11 @@ class EDPOArgs(BaseModel):
     edpo_head_check: bool = Field(
         default=_DEFAULTS.edpo_head_check,
         description="Check the fused head against the models' own forward on the first micro-batch.",
+    )
+    edpo_share_prompt: bool | None = Field(
+        default=_DEFAULTS.edpo_share_prompt,
+        description="With dpo_padding_free: run each pair's prompt once for both completions (plain causal SDPA "
+        "attention only); unset: whenever the model allows, true: require it, false: never.",
     )
     router_aux_loss_coef: float | None = Field(
         default=None,

@@ -43,6 +43,14 @@ class EpsilonDPOFields:
             "are not what the head computes). One extra short forward per model, once per run."
         },
     )
+    edpo_share_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With padding_free=True: run each pair's shared prefix (its prompt) once, for both completions. "
+            "Needs plain causal SDPA attention (CPU); None: whenever the models have it, True: require it, False: "
+            "pack chosen and rejected sequences whole."
+        },
+    )
 
 
 EDPO_FIELD_NAMES = tuple(f.name for f in fields(EpsilonDPOFields))
@@ -95,6 +103,8 @@ def validate_edpo_args(args: Any) -> None:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {args.label_smoothing!r}.")
     if args.edpo_head not in IMPLS:
         raise ValueError(f"edpo_head must be one of {IMPLS}, got {args.edpo_head!r}.")
+    if args.edpo_share_prompt and not args.padding_free:
+        raise ValueError("edpo_share_prompt=True shares prompts inside packed rows: it needs padding_free=True.")
     for name in ("edpo_head_token_chunk", "edpo_head_vocab_chunk"):
         if int(getattr(args, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)!r}.")

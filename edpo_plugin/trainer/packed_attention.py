@@ -9,6 +9,12 @@ causal goes without a mask, ``is_causal=True``, as an unpadded forward runs). Se
 ``position_ids`` the attention receives (as FlashAttention's varlen path finds them); with none, a batch of several
 rows, a key/value cache or a non-boolean mask, it is ``sdpa_attention_forward`` unchanged.
 
+A sequence whose positions start at ``P > 0`` instead of 0 continues a shared prefix: the first ``P`` tokens of the
+last sequence that started at 0 (a pair's prompt, computed once for its chosen and its rejected completion,
+``packing.pack_rows(share_prefixes=True)``). Its queries attend to those ``P`` keys and causally to its own, the
+attention the sequence would get unpacked, prefix included. Only a plain causal attention can be split that way: a
+sequence whose mask block is anything else (a sliding window) stops with an error rather than attend differently.
+
 It is registered with transformers' ``AttentionInterface`` (and ``sdpa_mask`` with ``AttentionMaskInterface``) as
 ``PACKED_SDPA``; the trainer switches an ``sdpa`` model to it when ``padding_free=True``.
 """
@@ -56,12 +62,32 @@ def packed_sdpa_forward(
     bounds = sequence_bounds(position_ids)
     if len(bounds) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    firsts = position_ids[0, [start for start, _ in bounds]].tolist()
     outputs = []
-    for start, end in bounds:
+    root = None  # start of the last sequence that began at position 0
+    windowed = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
+    for (start, end), first in zip(bounds, firsts, strict=True):
         block = attention_mask[..., start:end, start:end]
         causal = torch.ones(end - start, end - start, dtype=torch.bool, device=block.device).tril_()
-        mask = None if torch.equal(block, causal.expand_as(block)) else block
+        plain_causal = torch.equal(block, causal.expand_as(block))
         q, k, v = (t[:, :, start:end] for t in (query, key, value))
+        if first == 0:
+            root, root_plain_causal = start, plain_causal
+            mask = None if plain_causal else block
+        else:
+            if root is None or root + first > start or windowed or not (plain_causal and root_plain_causal):
+                raise ValueError(
+                    f"{PACKED_SDPA}: a packed sequence starts at position {first}, a prefix shared with the sequence "
+                    "before it, but "
+                    + (
+                        "no earlier sequence starts at 0"
+                        if root is None or root + first > start
+                        else "its attention is not plain causal (a sliding window)"
+                    )
+                    + ". Pack without shared prefixes (edpo_share_prompt=False)."
+                )
+            k, v = (torch.cat((t[:, :, root : root + first], part), dim=2) for t, part in ((key, k), (value, v)))
+            mask = torch.cat((causal.new_ones(end - start, first), causal), dim=1).expand(1, 1, -1, -1)
         outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 
@@ -78,3 +104,14 @@ def use_packed_sdpa(causal_lm: torch.nn.Module) -> bool:
         return False
     causal_lm.set_attn_implementation(PACKED_SDPA)
     return config._attn_implementation == PACKED_SDPA
+
+
+def can_share_prefixes(causal_lm: torch.nn.Module) -> bool:
+    """Whether ``causal_lm`` runs ``PACKED_SDPA`` with plain causal attention in every layer (no sliding window, no
+    chunked attention), so that a packed sequence can attend to a prefix it shares with the one before it."""
+    config = getattr(causal_lm, "config", None)
+    if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
+        return False
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return layer_types == {"full_attention"} and not windowed and not getattr(config, "attention_chunk_size", None)

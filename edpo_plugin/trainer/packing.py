@@ -7,6 +7,12 @@ boundaries from the restarting ``position_ids`` (FlashAttention-2 varlen on GPU;
 SDPA / eager / flex, ``masking_utils.find_packed_sequence_indices``). Labels are taken inside each row before
 packing, so a sequence's last token predicts nothing of the next sequence; per-sequence sums come back through the
 segment ids.
+
+With ``share_prefixes`` a pair's chosen and rejected sequences share the tokens they begin with (the prompt, at
+least): the rejected sequence keeps only what follows, its ``position_ids`` going on from the shared prefix's
+length ``P`` instead of 0. Only ``PACKED_SDPA`` reads that layout (a segment starting at ``P > 0`` attends to the
+first ``P`` tokens of the segment before it, :mod:`packed_attention`); every label still comes from the hidden state
+of the token it follows, the prefix's last one predicting both completions' first tokens.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ PACKABLE_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_l
 
 
 class PackedBatch(NamedTuple):
-    """A padded ``[R, T]`` batch with its real tokens laid end to end in one row."""
+    """A padded ``[R, T]`` batch with its real tokens laid end to end in one row, and its labels.
 
-    input_ids: torch.Tensor  # int64 [1, N]: the real tokens of row 0, then of row 1, …
-    position_ids: torch.Tensor  # int64 [1, N]: 0, 1, …, L_r − 1 for each row r
-    segment_ids: torch.Tensor  # int64 [N]: the row each token came from
-    labels: torch.Tensor  # int64 [1, N]: next token of the same row where that token is a completion token, else -100
+    Labels are listed in the padded batch's row-major order (row 0's, then row 1's, …), each with the packed position
+    whose hidden state predicts it: ``hidden[:, label_index]`` is the head's input ``[1, M, d]``.
+    """
+
+    input_ids: torch.Tensor  # int64 [1, N]: the real tokens of each row (a shared prefix once)
+    position_ids: torch.Tensor  # int64 [1, N]: each token's position in its own row
+    label_index: torch.Tensor  # int64 [M]: packed position predicting each label
+    labels: torch.Tensor  # int64 [1, M]: next token of the same row, where that token is a completion token
+    segment_ids: torch.Tensor  # int64 [M]: the row each label belongs to
     n_rows: int  # R
 
 
@@ -38,29 +49,61 @@ def pack_rows(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    share_prefixes: bool = False,
 ) -> PackedBatch:
     """Pack the tokens of ``input_ids [R, T]`` where ``attention_mask [R, T]`` is 1 into one row.
 
     ``completion_mask [R, T]`` (1 on completion tokens) selects which next tokens are labels; ``None`` makes every
-    next token of the same row a label (the first-step check). A row's last real token always gets ``ignore_index``.
+    next token of the same row a label (the first-step check). A row's last real token predicts nothing.
+    ``share_prefixes``: rows ``i`` and ``R/2 + i`` (a pair's chosen and rejected) are laid out next to each other
+    and the second keeps only the tokens after their common prefix (see the module docstring).
     """
     keep = attention_mask.bool()
-    next_ids = torch.cat((input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), ignore_index)), dim=1)
-    next_is_label = torch.cat((keep[:, 1:], keep.new_zeros((keep.shape[0], 1))), dim=1)
+    n_rows, width = keep.shape
+    device = input_ids.device
+    no_label = keep.new_zeros((n_rows, 1))
+    has_label = torch.cat((keep[:, 1:], no_label), dim=1)
     if completion_mask is not None:
-        next_is_label &= torch.cat((completion_mask[:, 1:].bool(), keep.new_zeros((keep.shape[0], 1))), dim=1)
-    labels = next_ids.masked_fill(~next_is_label, ignore_index)
+        has_label &= torch.cat((completion_mask[:, 1:].bool(), no_label), dim=1)
+    next_ids = torch.cat((input_ids[:, 1:], input_ids[:, :1]), dim=1)
+
+    rank = keep.long().cumsum(dim=1) - 1  # each real token's position in its own row
     lengths = keep.sum(dim=1)
-    segment_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    position_ids = torch.arange(len(segment_ids), device=lengths.device) - starts[segment_ids]
+    shared = torch.zeros(n_rows, dtype=torch.long, device=device)  # leading tokens a row takes from its partner
+    partner = torch.arange(n_rows, device=device)
+    order = torch.arange(n_rows, device=device)  # rows in the order they are laid out
+    if share_prefixes:
+        if n_rows % 2:
+            raise ValueError(f"share_prefixes needs chosen and rejected rows in two halves; got {n_rows} rows.")
+        half = n_rows // 2
+        tokens = torch.full((n_rows, width), -1, dtype=input_ids.dtype, device=device)
+        tokens[keep.nonzero(as_tuple=True)[0], rank[keep]] = input_ids[keep]  # real tokens flushed left
+        same = (tokens[:half] == tokens[half:]) & (tokens[:half] >= 0)
+        shared[half:] = same.long().cumprod(dim=1).sum(dim=1)
+        partner[half:] -= half
+        order = torch.stack((order[:half], order[half:]), dim=1).flatten()
+
+    stored = keep & (rank >= shared[:, None])
+    stored_lengths = lengths - shared
+    offsets = torch.empty_like(stored_lengths)
+    offsets[order] = torch.cumsum(stored_lengths[order], 0) - stored_lengths[order]
+    # packed position of every real token: its own, or (a shared prefix) its partner's
+    own_position = offsets[:, None] + rank - shared[:, None]
+    packed_position = torch.where(rank >= shared[:, None], own_position, offsets[partner][:, None] + rank)
+
+    n_packed = int(stored_lengths.sum())
+    packed_ids = input_ids.new_empty(n_packed)
+    packed_ids[packed_position[stored]] = input_ids[stored]
+    position_ids = torch.empty(n_packed, dtype=torch.long, device=device)
+    position_ids[packed_position[stored]] = rank[stored]
+    rows = torch.arange(n_rows, device=device)[:, None].expand(n_rows, width)
     return PackedBatch(
-        input_ids=input_ids[keep].unsqueeze(0),
+        input_ids=packed_ids.unsqueeze(0),
         position_ids=position_ids.unsqueeze(0),
-        segment_ids=segment_ids,
-        labels=labels[keep].unsqueeze(0),
-        n_rows=input_ids.shape[0],
+        label_index=packed_position[has_label],
+        labels=next_ids[has_label].unsqueeze(0),
+        segment_ids=rows[has_label],
+        n_rows=n_rows,
     )
 
 

@@ -37,7 +37,7 @@ from edpo_plugin.trainer.head_check import (
     own_forward_logprobs,
 )
 from edpo_plugin.trainer.model_head import HeadView, describe_head, forward_to_head, is_peft_head_wrapper
-from edpo_plugin.trainer.packed_attention import PACKED_SDPA, use_packed_sdpa
+from edpo_plugin.trainer.packed_attention import PACKED_SDPA, can_share_prefixes, use_packed_sdpa
 from edpo_plugin.trainer.packing import PackedBatch, check_packable, pack_rows, segment_logps
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
@@ -105,17 +105,45 @@ class EpsilonDPOTrainer(DPOTrainer):
                 if use_packed_sdpa(causal_lm):
                     logger.info("ε-DPO: padding_free=True runs %s's SDPA once per packed sequence (%s).",
                                 type(causal_lm).__name__, PACKED_SDPA)  # fmt: skip
+            self._share_prompt = self._decide_share_prompt(packed_models)
             if not self.args.edpo_head_check:
                 logger.warning(
                     "ε-DPO: padding_free=True with edpo_head_check=False: nothing checks that %s's attention keeps "
                     "the packed sequences apart.",
                     type(policy_view.causal_lm).__name__,
                 )
+        else:
+            self._share_prompt = False
         self._head_checked = not self.args.edpo_head_check
         self._warned_double_bos = False
         self._warned_empty_completion = False
         self._edpo_forward_redirection = _ForwardRedirection()
         self.add_callback(_BetaUpdateCallback(self))
+
+    def _decide_share_prompt(self, packed_models: list[torch.nn.Module]) -> bool:
+        """``edpo_share_prompt``: None shares prompts when every packed model can (``can_share_prefixes``), True
+        requires it, False never. Never with a router auxiliary loss: it averages over the tokens the backbone ran,
+        which a shared prompt would count once instead of twice."""
+        if self.aux_loss_enabled:
+            if self.args.edpo_share_prompt:
+                raise ValueError(
+                    "edpo_share_prompt=True would change the MoE router auxiliary loss, which averages over the "
+                    "tokens the backbone runs (a shared prompt counts once, not twice). Leave edpo_share_prompt unset "
+                    "or set router_aux_loss_coef to 0."
+                )
+            return False
+        unable = [type(m).__name__ for m in packed_models if not can_share_prefixes(m)]
+        if self.args.edpo_share_prompt and unable:
+            attention = [m.config._attn_implementation for m in packed_models if not can_share_prefixes(m)]
+            raise ValueError(
+                f"edpo_share_prompt=True needs plain causal attention run by {PACKED_SDPA} (an sdpa model without "
+                f"sliding window or chunked attention); {unable} run {attention}. Use attn_implementation='sdpa' or "
+                "leave edpo_share_prompt unset."
+            )
+        share = not unable if self.args.edpo_share_prompt is None else self.args.edpo_share_prompt
+        if share:
+            logger.info("ε-DPO: padding_free=True runs each pair's prompt once for both completions.")
+        return share
 
     # ----------------------------------------------------------------------------------------------- loss
 
@@ -170,7 +198,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         packed = None
         if self._padding_free:
             check_packable(view.causal_lm, inputs.keys())
-            packed = pack_rows(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            packed = pack_rows(
+                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self._share_prompt
+            )
             model_kwargs = packed_model_kwargs(packed)
             labels = packed.labels
         else:
@@ -185,9 +215,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         ref_hidden, ref_view, ref_adapters = self._reference_head_input(
             model, view, model_kwargs, inside_forward, ref_gathered
         )
-        # padded: position t predicts token t + 1 of its row; packed: every position, labels already per sequence
-        hidden = policy_forward.hidden if packed else policy_forward.hidden[:, :-1]
-        ref_hidden = ref_hidden if packed else ref_hidden[:, :-1]
+        # padded: position t predicts token t + 1 of its row; packed: the positions that predict a label
+        hidden = policy_forward.hidden[:, packed.label_index] if packed else policy_forward.hidden[:, :-1]
+        ref_hidden = ref_hidden[:, packed.label_index] if packed else ref_hidden[:, :-1]
 
         def head_streams():
             # lm_head's parameters are read here, inside its forward: FSDP2 swaps the sharded parameters of an
@@ -322,10 +352,10 @@ class EpsilonDPOTrainer(DPOTrainer):
             # two sequences packed the way training packs them, against each one's own unpadded forward: an
             # attention that lets the second see the first, or ignores the restarted positions, shows up here
             ids, mask = check_pair(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-            packed = pack_rows(ids, mask)
+            packed = pack_rows(ids, mask, share_prefixes=self._share_prompt)
             kwargs = {**packed_model_kwargs(packed), "use_cache": False}
-            labels, scored = packed.labels, packed.labels != -100
-            hidden_positions = slice(None)
+            labels, scored = packed.labels, torch.ones_like(packed.labels, dtype=torch.bool)
+            hidden_positions = packed.label_index
         else:
             ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
             kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}

@@ -141,12 +141,14 @@ def test_axolotl_lora_runs_of_one_config_are_identical(tiny_default, tmp_path):
 
 def test_axolotl_padding_free_matches_padded(tiny_default, tmp_path):
     """`dpo_padding_free: true` on the tiny default, rows of varied lengths: the backbones run only the real tokens,
-    and the β trajectory, the decisions and the losses are the padded run's (the same YAML without the option)."""
+    each pair's prompt once (`edpo_share_prompt: true` stops a run that cannot share it), and the β trajectory, the
+    decisions and the losses are the padded run's (the same YAML without the options)."""
     data = write_varied_rows(tiny_default["train"], 64, tmp_path / "varied.jsonl")
     logs = {}
     for padding_free in (False, True):
+        options = {"dpo_padding_free": True, "edpo_share_prompt": True} if padding_free else {}
         out = _run(tiny_default, "tiny-edpo.yaml", tmp_path / f"padding_free_{padding_free}", train_file=data,
-                   dpo_padding_free=padding_free)  # fmt: skip
+                   **options)  # fmt: skip
         history = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
         logs[padding_free] = ([h for h in history if "loss" in h], _betas(out))
     (padded, betas_padded), (packed, betas_packed) = logs[False], logs[True]

@@ -82,18 +82,27 @@ class _Recorder:
         monkeypatch.setattr(trainer_module, "edpo_loss", loss)
 
 
-def _padded_layout(packed_stream: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[R, T-1]``: a packed ``[1, N]`` token stream put back where the padded run has it (row r's real tokens
-    start at column 0; position t predicts token t + 1), from the attention mask alone."""
-    lengths = attention_mask.sum(dim=1).tolist()
-    out = torch.zeros(attention_mask.shape[0], attention_mask.shape[1] - 1, dtype=packed_stream.dtype)
-    start = 0
-    for r, n in enumerate(lengths):
-        out[r, : n - 1] = packed_stream[0, start : start + n - 1]
-        assert packed_stream[0, start + n - 1] == 0, f"row {r}: its last token predicted the next sequence"
-        start += n
-    assert start == packed_stream.shape[1]
+def _padded_layout(packed_stream: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``[R, T-1]``: a packed ``[1, M]`` label stream put back where the padded run has it (position t predicts token
+    t + 1 of its row, for every next token that is a real completion token), from the batch's masks alone."""
+    scored = (batch["attention_mask"][:, 1:] * batch["completion_mask"][:, 1:]).bool()
+    assert packed_stream.shape == (1, int(scored.sum()))
+    out = torch.zeros(scored.shape, dtype=packed_stream.dtype)
+    out[scored] = packed_stream[0]
     return out
+
+
+def _shared_prefix_lengths(batch: dict) -> list[int]:
+    """Tokens each pair's rejected row has in common with its chosen row from the start, counted token by token."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    half = len(rows) // 2
+    shared = []
+    for chosen, rejected in zip(rows[:half], rows[half:], strict=True):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        shared.append(n)
+    return shared
 
 
 def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
@@ -105,10 +114,11 @@ def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
     return loss.detach(), recorder.streams[-1], recorder.outs[-1], grads
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkeypatch, attn):
+@pytest.mark.parametrize(("attn", "share_prompt"), [("sdpa", True), ("sdpa", False), ("eager", False)])
+def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkeypatch, attn, share_prompt):
     recorder = _Recorder(monkeypatch)
-    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn=attn)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn=attn, edpo_share_prompt=share_prompt)
+    assert trainer._share_prompt == share_prompt
     with torch.no_grad():  # the policy away from the reference, so that decisions are not all 0
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -121,20 +131,23 @@ def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkey
     loss_pad, streams_pad, out_pad, grads_pad = _run_step(trainer, batch, False, recorder)
     loss_pf, streams_pf, out_pf, grads_pf = _run_step(trainer, batch, True, recorder)
 
-    # the backbone saw only real tokens
-    assert streams_pf[0].shape == (1, int(mask.sum()))
+    # the backbone saw only real tokens, a pair's common prefix once when shared (at least its whole prompt)
+    shared = _shared_prefix_lengths(batch) if share_prompt else [0]
+    if share_prompt:
+        prompts = batch["completion_mask"].long().argmax(dim=1)[: len(shared)]
+        assert all(n >= int(p) > 0 for n, p in zip(shared, prompts, strict=True)), "prompts should be shared"
+    backbone_tokens = int(mask.sum()) - sum(shared)
+    assert trainer._metrics["train"]["backbone_tokens"] == [batch["input_ids"].numel(), backbone_tokens]
     completion = batch["completion_mask"][:, 1:].bool()
     for name, pad, pf in zip(("policy", "reference", "plus", "minus"), streams_pad, streams_pf, strict=True):
-        pf = _padded_layout(pf, mask)
-        assert (pf[~completion] == 0).all(), f"{name}: a non-completion token was scored"
-        assert (pf - pad).abs().max().item() <= 1e-5, f"{name}: packed and padded token log-probs differ"
+        pf = _padded_layout(pf, batch)
+        assert (pf - pad * completion).abs().max().item() <= 1e-5, f"{name}: packed and padded token log-probs differ"
     # and the policy stream is the model's own padded forward
     with torch.no_grad():
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, :-1].double()
     own = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * completion
-    assert (_padded_layout(streams_pf[0], mask).double() - own).abs().max().item() <= 1e-5
+    assert (_padded_layout(streams_pf[0], batch).double() - own).abs().max().item() <= 1e-5
 
-    assert trainer._metrics["train"]["backbone_tokens"] == [batch["input_ids"].numel(), int(mask.sum())]
     assert torch.equal(out_pf.decisions, out_pad.decisions)
     assert out_pad.decisions.abs().sum() > 0, "the batch should move β"
     assert abs(loss_pf.item() - loss_pad.item()) <= 1e-6 * abs(loss_pad.item())
@@ -149,7 +162,7 @@ def test_moe_router_aux_loss_is_the_padded_one(tiny_default, tmp_path, monkeypat
     the attention mask's ones: the same tokens, so the same auxiliary loss and total loss."""
     recorder = _Recorder(monkeypatch)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, moe=True, router_aux_loss_coef=0.5)
-    assert trainer.aux_loss_enabled
+    assert trainer.aux_loss_enabled and not trainer._share_prompt  # a shared prompt would count once in it
     batch = next(iter(trainer.get_train_dataloader()))
     assert not bool(batch["attention_mask"].all())
     trainer.model.train()
@@ -168,12 +181,16 @@ def _betas_and_losses(trainer) -> tuple[list[float], list[float]]:
     return [h["kl/beta"] for h in logs if "kl/beta" in h], [h["loss"] for h in logs if "loss" in h]
 
 
-def test_four_steps_padded_and_padding_free_give_the_same_beta(tiny_default, tmp_path):
-    """Through ``train()`` with the first-step check on: β after each of 4 optimizer steps and the losses agree."""
+@pytest.mark.parametrize("share_prompt", [None, False])
+def test_four_steps_padded_and_padding_free_give_the_same_beta(tiny_default, tmp_path, share_prompt):
+    """Through ``train()`` with the first-step check on: β after each of 4 optimizer steps and the losses agree
+    (``edpo_share_prompt`` unset shares prompts with this sdpa model)."""
     runs = {}
     for padding_free in (False, True):
+        overrides = {"edpo_share_prompt": share_prompt} if padding_free else {}
         trainer = _trainer(tiny_default, tmp_path / str(padding_free), padding_free=padding_free,
-                           gradient_accumulation_steps=2, per_device_train_batch_size=2)  # fmt: skip
+                           gradient_accumulation_steps=2, per_device_train_batch_size=2, **overrides)  # fmt: skip
+        assert trainer._share_prompt == (padding_free and share_prompt is None)
         trainer.train()
         runs[padding_free] = (*_betas_and_losses(trainer), trainer.beta_controller.beta)
     (betas_pad, losses_pad, final_pad), (betas_pf, losses_pf, final_pf) = runs[False], runs[True]
@@ -190,9 +207,29 @@ def test_pack_rows_keeps_labels_inside_each_sequence():
     packed = pack_rows(ids, mask, completion)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert packed.segment_ids.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
-    assert packed.labels.tolist() == [[6, 7, -100, 9, -100, -100, 3, 4, -100]]
-    assert pack_rows(ids, mask).labels.tolist() == [[6, 7, -100, 9, -100, 2, 3, 4, -100]]
+    assert packed.label_index.tolist() == [0, 1, 3, 6, 7]
+    assert packed.labels.tolist() == [[6, 7, 9, 3, 4]]
+    assert packed.segment_ids.tolist() == [0, 0, 1, 2, 2]
+    everything = pack_rows(ids, mask)
+    assert everything.label_index.tolist() == [0, 1, 3, 5, 6, 7]
+    assert everything.labels.tolist() == [[6, 7, 9, 2, 3, 4]]
+
+
+def test_pack_rows_shares_each_pairs_prefix():
+    """Rows i and R/2 + i (chosen and rejected) side by side, the rejected row keeping what follows their common
+    prefix at positions going on from it; the prefix's last token predicts both first completion tokens. Pair 1's
+    chosen row is all prefix: its rejected row goes on from it (positions 3, 4 follow 2)."""
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 5, 6, 0, 0], [1, 2, 7, 8, 9], [1, 5, 6, 6, 3]])
+    mask = (ids > 0).long()
+    completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    packed = pack_rows(ids, mask, completion, share_prefixes=True)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 7, 8, 9, 1, 5, 6, 6, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 3, 4]]
+    assert packed.labels.tolist() == [[3, 4, 5, 6, 7, 8, 9, 5, 6, 6, 3]]
+    assert packed.label_index.tolist() == [1, 2, 7, 8, 1, 4, 5, 7, 8, 9, 10]
+    assert packed.segment_ids.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    with pytest.raises(ValueError, match="two halves; got 3 rows"):
+        pack_rows(ids[:3], mask[:3], share_prefixes=True)
 
 
 def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_path, monkeypatch):
@@ -203,6 +240,15 @@ def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_p
 
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="eager", max_steps=1)
+    with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
+        trainer.train()
+
+
+def test_first_step_check_refuses_attention_blind_to_shared_prompts(tiny_default, tmp_path):
+    """Shared prompts laid out for a model whose attention does not read them (eager: transformers' mask runs the
+    rejected completion without its prompt) are stopped by the first-step check."""
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="eager", max_steps=1)
+    trainer._share_prompt = True
     with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
         trainer.train()
 
@@ -264,6 +310,61 @@ def test_packed_sdpa_attends_within_each_sequence_only(tiny_default, monkeypatch
     assert (_own_forward_per_sequence(model, sequences) - expected).abs().max().item() == 0
 
 
+def test_packed_sdpa_runs_a_shared_prefix_once(tiny_default, monkeypatch):
+    """Shared prompts (``pack_rows(share_prefixes=True)``) through ``PACKED_SDPA``: every token's log-prob is the
+    model's own unpadded forward on its whole row, prompt included, while each completion's queries attend to the
+    prompt's keys without recomputing them; with a sliding window the layout is refused rather than run."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edpo_plugin.trainer.packed_attention import can_share_prefixes, use_packed_sdpa
+
+    def model(sliding_window):
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               initializer_range=0.2, sliding_window=sliding_window)  # fmt: skip
+        config._attn_implementation = "sdpa"
+        return MistralForCausalLM(config).float().eval()
+
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
+    completions = [torch.randint(1, 64, (n,)) for n in (5, 2, 4, 3)]
+    chosen = [torch.cat((prompts[0], completions[0])), torch.cat((prompts[1], completions[1]))]
+    rejected = [torch.cat((prompts[0], completions[2])), torch.cat((prompts[1], completions[1], completions[3]))]
+    rows = chosen + rejected
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    packed = pack_rows(ids, mask, share_prefixes=True)
+    plain = model(None)
+    with torch.no_grad():  # each row's own forward: log-prob of every next token
+        expected = torch.cat([plain(input_ids=r[None]).logits[0, :-1].double().log_softmax(-1)
+                              .gather(-1, r[1:, None]).squeeze(-1) for r in rows])  # fmt: skip
+    assert packed.input_ids.shape[1] < int(mask.sum())
+    assert use_packed_sdpa(plain) and can_share_prefixes(plain)
+
+    shapes = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        shapes.append((query.shape[-2], key.shape[-2]))
+        return real_sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    kwargs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
+    with torch.no_grad():
+        logits = plain(**kwargs).logits[0, packed.label_index].double()
+    got = logits.log_softmax(-1).gather(-1, packed.labels[0, :, None]).squeeze(-1)
+    assert (got - expected).abs().max().item() <= 1e-5
+    # (queries, keys): each chosen row whole, each rejected completion against prompt + itself; pair 1's rejected
+    # row goes on from its chosen row (all prefix), one sequence
+    assert shapes == [(11, 11), (4, 10), (8, 8)] * 2
+
+    windowed = model(5)
+    assert use_packed_sdpa(windowed) and not can_share_prefixes(windowed)
+    with pytest.raises(ValueError, match="not plain causal"), torch.no_grad():
+        windowed(**kwargs)
+
+
 def test_padding_free_switches_sdpa_models_only(tiny_default, tmp_path):
     from edpo_plugin.trainer.packed_attention import PACKED_SDPA
 
@@ -271,5 +372,10 @@ def test_padding_free_switches_sdpa_models_only(tiny_default, tmp_path):
     assert trainer.model.config._attn_implementation == PACKED_SDPA
     assert trainer.ref_model.config._attn_implementation == PACKED_SDPA
     assert _trainer(tiny_default, tmp_path / "pad", padding_free=False).model.config._attn_implementation == "sdpa"
+    assert trainer._share_prompt
     eager = _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager")
-    assert eager.model.config._attn_implementation == "eager"
+    assert eager.model.config._attn_implementation == "eager" and not eager._share_prompt
+    with pytest.raises(ValueError, match=r"\['LlamaForCausalLM', 'LlamaForCausalLM'\] run \['eager', 'eager'\]"):
+        _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager", edpo_share_prompt=True)
+    with pytest.raises(ValueError, match="edpo_share_prompt=True .* needs padding_free=True"):
+        EpsilonDPOConfig(output_dir=str(tmp_path), edpo_share_prompt=True, use_cpu=True)
