@@ -83,6 +83,8 @@ class EDPOArgs(BaseModel):
                 "dpo_use_liger_kernel selects TRL's Liger DPO loss; rl: edpo has its own fused head. Remove "
                 "dpo_use_liger_kernel and pick the head with edpo_head."
             )
+        if data.get("edpo_share_prompt") and not data.get("dpo_padding_free"):
+            raise ValueError("edpo_share_prompt: true shares prompts inside packed rows: set dpo_padding_free: true.")
         context_parallel = data.get("context_parallel_size") or data.get("sequence_parallel_degree") or 1
         if int(context_parallel) > 1:
             raise ValueError(

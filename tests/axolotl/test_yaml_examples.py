@@ -48,6 +48,7 @@ BAD_CONFIGS = [
     ("liger_dpo", {"dpo_use_liger_kernel": True}, "dpo_use_liger_kernel"),
     ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size=2 is not supported by rl: edpo"),
     ("no_plugin", {"plugins": None}, "rl"),
+    ("share_prompt_padded", {"edpo_share_prompt": True}, "edpo_share_prompt: true shares prompts inside packed rows"),
 ]
 
 
