@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,7 +127,12 @@ def data_ratios(tokenizer, data: Path, seq_len: int) -> dict[str, float]:
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
             n += 1
         prefixes.append(n)
-    ratios = {"pairs_that_fit": len(sequences)}
+    ratios = {
+        "pairs_that_fit": len(sequences),
+        "median_shared_prefix_tokens": statistics.median(prefixes),
+        "median_chosen_tokens_after_it": statistics.median(len(c) - n for (c, _), n in zip(sequences, prefixes)),
+        "median_rejected_tokens_after_it": statistics.median(len(r) - n for (_, r), n in zip(sequences, prefixes)),
+    }
     for b in (2, 4, 8):
         starts = range(0, len(sequences) - b + 1, b)
         padded = sum(2 * b * max(lengths[2 * i : 2 * i + 2 * b]) for i in starts)

@@ -142,7 +142,8 @@ def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str,
             f"up to {worst:.4g} nats away from each sequence's own unpadded forward (tolerance {tolerance:.3g}). "
             "Its attention does not keep packed sequences apart (it needs restarting position_ids to split them: "
             "FlashAttention-2 on GPU, SDPA / eager on CPU), or its logits are not what ε-DPO's head computes (then "
-            "padding_free=False fails the same check). Set padding_free=False (Axolotl: remove dpo_padding_free)."
+            "padding_free=False fails the same check). Set padding_free=False (Axolotl: remove dpo_padding_free); "
+            "if only the shared prompts are at fault, edpo_share_prompt=False."
         )
     if not worst <= tolerance:
         raise HeadMismatchError(

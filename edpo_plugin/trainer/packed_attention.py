@@ -75,16 +75,15 @@ def packed_sdpa_forward(
             root, root_plain_causal = start, plain_causal
             mask = None if plain_causal else block
         else:
-            if root is None or root + first > start or windowed or not (plain_causal and root_plain_causal):
+            if root is None or root + first > start:
                 raise ValueError(
-                    f"{PACKED_SDPA}: a packed sequence starts at position {first}, a prefix shared with the sequence "
-                    "before it, but "
-                    + (
-                        "no earlier sequence starts at 0"
-                        if root is None or root + first > start
-                        else "its attention is not plain causal (a sliding window)"
-                    )
-                    + ". Pack without shared prefixes (edpo_share_prompt=False)."
+                    f"{PACKED_SDPA}: a packed sequence starts at position {first}, continuing a prefix, but no "
+                    "earlier sequence of the row starts at 0 with that many tokens."
+                )
+            if windowed or not (plain_causal and root_plain_causal):
+                raise ValueError(
+                    f"{PACKED_SDPA}: a packed sequence shares a prefix with the one before it, but its attention is "
+                    "not plain causal (a sliding window). Set edpo_share_prompt=False."
                 )
             k, v = (torch.cat((t[:, :, root : root + first], part), dim=2) for t, part in ((key, k), (value, v)))
             mask = torch.cat((causal.new_ones(end - start, first), causal), dim=1).expand(1, 1, -1, -1)

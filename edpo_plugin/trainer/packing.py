@@ -108,8 +108,8 @@ def pack_rows(
 
 
 def segment_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """float64 ``[R]``: per-row sums of packed token log-probs ``[1, N]`` (fp32), row ``r`` summing the tokens whose
-    ``segment_ids [N]`` is ``r``. float64 as ``sequence_logps``: the decisions compare sums that differ by O(ε)."""
+    """float64 ``[R]``: per-row sums of packed label log-probs ``[1, M]`` (fp32), row ``r`` summing the labels whose
+    ``segment_ids [M]`` is ``r``. float64 as ``sequence_logps``: the decisions compare sums that differ by O(ε)."""
     sums = torch.zeros(n_rows, dtype=torch.float64, device=token_logps.device)
     return sums.index_add(0, segment_ids, token_logps.reshape(-1).double())
 

@@ -132,13 +132,13 @@ class EpsilonDPOTrainer(DPOTrainer):
                     "or set router_aux_loss_coef to 0."
                 )
             return False
-        unable = [type(m).__name__ for m in packed_models if not can_share_prefixes(m)]
+        unable = [f"{type(m).__name__} ({m.config._attn_implementation})" for m in packed_models
+                  if not can_share_prefixes(m)]  # fmt: skip
         if self.args.edpo_share_prompt and unable:
-            attention = [m.config._attn_implementation for m in packed_models if not can_share_prefixes(m)]
             raise ValueError(
                 f"edpo_share_prompt=True needs plain causal attention run by {PACKED_SDPA} (an sdpa model without "
-                f"sliding window or chunked attention); {unable} run {attention}. Use attn_implementation='sdpa' or "
-                "leave edpo_share_prompt unset."
+                f"sliding window or chunked attention); not so for {', '.join(unable)}. Use "
+                "attn_implementation='sdpa' or leave edpo_share_prompt unset."
             )
         share = not unable if self.args.edpo_share_prompt is None else self.args.edpo_share_prompt
         if share:
