@@ -1,13 +1,16 @@
-"""First-step check: the fused head against the model's own forward, on one short row.
+"""First-step check: the fused head against the model's own forward, on the first micro-batch.
 
 :mod:`model_head` describes the logits of the architectures it knows; this catches the ones nobody listed (a
-subclass that rescales its logits, a new architecture with a post-head op). On the first training micro-batch the
-trainer takes the row with the shortest prompt, cut 16 completion tokens after it (at most 256 tokens), and runs it
-twice per model (policy and reference): once the way training runs it (:func:`~edpo_plugin.trainer.model_head.
-forward_to_head`, whose head input feeds the fused head), once as the model's own plain forward, whose
-``log_softmax(logits)`` is the yardstick. Two separate calls, so a training path that differs from the model's
-forward in any way (a hook that does not fire, a rescaled hidden state, a scaled or capped logit) shows up as a
-difference. Cost: two forwards of one short row per model, once per run.
+subclass that rescales its logits, a new architecture with a post-head op). On the first micro-batch of training or
+evaluation, with dropout off, the trainer runs each model (policy and reference) twice: once the way training runs it
+(:func:`~edpo_plugin.trainer.model_head.forward_to_head`, whose head input feeds the fused head), once as the model's
+own plain forward, one row at a time, whose ``log_softmax(logits)`` is the yardstick. Padded training checks the row
+with the shortest prompt, cut 16 completion tokens after it (at most 256 tokens); padding-free training checks the
+whole micro-batch packed exactly as training packs it (its real lengths, shared prompts), every next token a label,
+so that attention across packed sequences or a position read from the row shows up. Separate calls, so a training
+path that differs from the model's forward in any way (a hook that does not fire, a rescaled hidden state, a scaled
+or capped logit) shows up as a difference. Cost: once per run, one training-path forward and one own forward per row,
+per model.
 
 The tolerance follows the arithmetic of the model's own logits: they are rounded to the precision they are computed
 in (bf16 under mixed precision, TF32 when enabled), so a log-prob can move by up to about twice the unit roundoff
@@ -22,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 CHECK_COMPLETION_TOKENS = 16
-CHECK_MAX_TOKENS = 256  # bounds the check's [L, V] float64 log-softmax (256 × 128k × 8 B = 256 MiB at most)
+CHECK_MAX_TOKENS = 256  # the padded check's row
+LOGSOFTMAX_ROWS = 256  # positions per float64 log-softmax of the model's own logits (256 × 128k × 8 B = 256 MiB)
 
 
 class HeadMismatchError(RuntimeError):
@@ -32,49 +36,25 @@ class HeadMismatchError(RuntimeError):
 
 def check_row(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [1, L], mask [1, L])``: the row with the shortest prompt (row 0 when no row has a completion token),
-    cut ``CHECK_COMPLETION_TOKENS`` completion tokens after its prompt and to at most ``CHECK_MAX_TOKENS`` tokens.
-
-    Always a row, so that every data-parallel rank runs the check (and its collectives) on its first micro-batch.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(ids [1, L], mask [1, L])``: among the rows with at least two real tokens (one label), the one with the
+    shortest prompt, cut ``CHECK_COMPLETION_TOKENS`` completion tokens after its prompt and to at most
+    ``CHECK_MAX_TOKENS`` tokens; None when every row has fewer than two tokens.
     """
-    first = _completion_starts(input_ids, completion_mask)
+    lengths = attention_mask.sum(dim=1)
+    if not bool((lengths >= 2).any()):
+        return None
+    first = _completion_starts(input_ids, completion_mask).masked_fill(lengths < 2, input_ids.shape[1] + 1)
     row = int(first.argmin())
-    length = _check_length(first, attention_mask, row)
+    length = min(int(first[row]) + CHECK_COMPLETION_TOKENS, int(lengths[row]), CHECK_MAX_TOKENS)
+    length = max(length, 2)
     return input_ids[row : row + 1, :length], attention_mask[row : row + 1, :length]
-
-
-def check_pair(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids [2, L], mask [2, L])`` for the padding-free check: :func:`check_row`'s row and the other half of its
-    pair (chosen rows come first, rejected rows second), each cut the same way; the shorter row is right-padded
-    (mask 0), so that packing the two puts a sequence start mid-row. A batch of one row gives that row twice."""
-    first = _completion_starts(input_ids, completion_mask)
-    row = int(first.argmin())
-    half = input_ids.shape[0] // 2
-    partner = (row + half) % input_ids.shape[0]
-    rows = [row, partner]
-    lengths = [_check_length(first, attention_mask, r) for r in rows]
-    width = max(lengths)
-    ids = input_ids[rows, :width]
-    mask = torch.zeros_like(attention_mask[rows, :width])
-    for i, length in enumerate(lengths):
-        mask[i, :length] = 1
-    return ids, mask
 
 
 def _completion_starts(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """int64 ``[R]``: each row's first completion position (``T`` for a row with none)."""
     has_completion = completion_mask.bool().any(dim=1)
     return completion_mask.long().argmax(dim=1).masked_fill(~has_completion, input_ids.shape[1])
-
-
-def _check_length(first: torch.Tensor, attention_mask: torch.Tensor, row: int) -> int:
-    """Tokens of ``row`` the check reads: ``CHECK_COMPLETION_TOKENS`` past its prompt, at most its real tokens and
-    ``CHECK_MAX_TOKENS``, at least 2."""
-    length = min(int(first[row]) + CHECK_COMPLETION_TOKENS, int(attention_mask[row].sum()), CHECK_MAX_TOKENS)
-    return min(max(length, 2), attention_mask.shape[1])
 
 
 class OwnForward(NamedTuple):
@@ -106,7 +86,16 @@ def own_forward_logprobs(
     finally:
         handle.remove()
     shifted = logits[:, :-1]
-    logprobs = shifted.double().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.cat(
+        [
+            shifted[:, t : t + LOGSOFTMAX_ROWS]
+            .double()
+            .log_softmax(-1)
+            .gather(-1, labels[:, t : t + LOGSOFTMAX_ROWS, None])
+            for t in range(0, shifted.shape[1], LOGSOFTMAX_ROWS)
+        ],
+        dim=1,
+    ).squeeze(-1)
     # Logits may be upcast after a bf16 matmul (accelerate returns fp32 outputs under autocast), and fp32 matmuls may
     # run in TF32: their precision is the least of their dtype, the output layer's, the autocast dtype and TF32's.
     device = logits.device.type

@@ -142,7 +142,7 @@ def forward_to_head(view: HeadView, forward: Callable[[], Any], shape: tuple[int
     Raises ``ValueError`` naming the class when the forward does not call its output layer exactly once on every
     position."""
     parent, attribute = view.slot
-    capture = _HeadInputCapture()
+    capture = _HeadInputCapture(view.module)
     setattr(parent, attribute, capture)
     try:
         outputs = forward()
@@ -160,11 +160,17 @@ def forward_to_head(view: HeadView, forward: Callable[[], Any], shape: tuple[int
 
 
 class _HeadInputCapture(torch.nn.Module):
-    """Stands in for the output layer during :func:`forward_to_head`."""
+    """Stands in for the output layer during :func:`forward_to_head`. Its ``weight`` is the real layer's (Mamba's
+    forward casts the hidden states to ``lm_head.weight.dtype`` before calling it), not registered as its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, real: torch.nn.Module) -> None:
         super().__init__()
         self.inputs: list[torch.Tensor] = []
+        object.__setattr__(self, "_real", real)  # not a submodule: the capture holds no parameters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _plain_weight(self._real)
 
     def forward(self, hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
         self.inputs.append(hidden)
@@ -322,6 +328,14 @@ def _plain_linear(module: torch.nn.Module, model_class: str) -> torch.nn.Module:
             "skips it by default; do not add it to the quantized modules)."
         )
     return module
+
+
+def _plain_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight a head module's forward multiplies by (through a PEFT or FSDP1 wrapper)."""
+    inner = getattr(module, "_fsdp_wrapped_module", module)
+    for attribute in ("original_module", "base_layer"):  # modules_to_save, trainable tokens
+        inner = getattr(inner, attribute, inner)
+    return inner.weight
 
 
 def _is_meta_sharded(weight: torch.Tensor) -> bool:

@@ -1,116 +1,347 @@
-"""SDPA run once per packed sequence: what FlashAttention-2 varlen does on GPU, for transformers' ``sdpa``.
+"""ε-DPO's packed attention: each sequence of a packed row attends to its own tokens (and to a prefix it shares).
 
-A packed row ``[1, N]`` holding sequences of lengths ``L_1 … L_k`` gets a block-diagonal causal mask from
-transformers (``masking_utils.find_packed_sequence_indices``), and SDPA then computes all ``N²`` scores and masks
-most of them: attention costs more than the padded batch it replaced. ``packed_sdpa_forward`` instead calls
-transformers' own ``sdpa_attention_forward`` once per sequence, on that sequence's queries, keys and values and its
-diagonal block of the same mask: ``Σ L_i²`` scores, and the same function on the same operands (a block that is plain
-causal goes without a mask, ``is_causal=True``, as an unpadded forward runs). Sequence starts come from the restarting
-``position_ids`` the attention receives (as FlashAttention's varlen path finds them); with none, a batch of several
-rows, a key/value cache or a non-boolean mask, it is ``sdpa_attention_forward`` unchanged.
+A packed row ``[1, N]`` holds a micro-batch's sequences end to end (:mod:`packing`). Where each sequence's queries
+and keys lie is worked out once per micro-batch, on the host, as a :class:`PackedLayout`, and reaches every attention
+layer as the keyword argument :data:`LAYOUT_KWARG` of the model's forward (transformers passes a forward's keyword
+arguments down to its attention interface). Nothing here reads a bound back from the device.
 
-A sequence whose positions start at ``P > 0`` instead of 0 continues a shared prefix: the first ``P`` tokens of the
-last sequence that started at 0 (a pair's prompt, computed once for its chosen and its rejected completion,
-``packing.pack_rows(share_prefixes=True)``). Its queries attend to those ``P`` keys and causally to its own, the
-attention the sequence would get unpacked, prefix included. Only a plain causal attention can be split that way: a
-sequence whose mask block is anything else (a sliding window) stops with an error rather than attend differently.
+A sequence whose ``position_ids`` start at ``P > 0`` continues a shared prefix: the first ``P`` tokens of the
+sequence laid out before it (a pair's prompt, run once for its chosen and its rejected completion). Its queries see
+the prefix's ``P`` keys and its own, causally: the attention it gets unpacked, bottom-right aligned.
 
-It is registered with transformers' ``AttentionInterface`` (and ``sdpa_mask`` with ``AttentionMaskInterface``) as
-``PACKED_SDPA``; the trainer switches an ``sdpa`` model to it when ``padding_free=True``.
+Three implementations, registered with transformers' ``AttentionInterface``; the trainer switches a model to the one
+for the attention it ran (:data:`PACKED_FOR`):
+
+- :data:`PACKED_SDPA`: transformers' ``sdpa_attention_forward`` once per sequence (``Σ L_q · L_k`` scores, not
+  ``N²``), causal without a mask where a sequence has no prefix and no window.
+- :data:`PACKED_EAGER`: the model's own ``eager_attention_forward`` once per sequence, with an additive mask
+  (keeps what a model's eager attention adds: soft caps, attention sinks).
+- :data:`PACKED_FLASH`: one FlashAttention-2 varlen call over the whole row, with separate query and key
+  ``cu_seqlens`` and the keys gathered per sequence (``[prefix; own]``); the kernel is ``flash_attn``'s
+  ``flash_attn_varlen_func``, else PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (:func:`varlen_kernel`).
+
+Sliding windows apply inside each sequence at its own positions, prefix included (``sliding_window`` as the model
+passes it, or the module's own). None of the three is registered with transformers' mask interface, so the model
+builds no ``[N, N]`` mask (and runs none of the device syncs of packed-sequence detection). Called without a layout
+(an unpacked forward: the first-step check's own rows, a generation step) each runs one causal sequence, which needs a
+batch of one row: a padded batch of several rows is refused, since its padding mask never reaches them.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
+LAYOUT_KWARG = "edpo_packed_layout"
 PACKED_SDPA = "edpo_packed_sdpa"
+PACKED_EAGER = "edpo_packed_eager"
+PACKED_FLASH = "edpo_packed_varlen"  # no "flash" in the name: transformers would load a FlashAttention kernel for it
+# the attention implementation a model ran -> the packed one that replaces it for padding-free training
+PACKED_FOR = {"sdpa": PACKED_SDPA, "eager": PACKED_EAGER, "flash_attention_2": PACKED_FLASH}
 
 
-def sequence_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(start, end), …]`` of the sequences in a packed row: ``position_ids [1, N]`` restarts (any step other than
-    +1) at each sequence start, the rule transformers' packed-sequence detection applies."""
-    restarts = (torch.diff(position_ids[0]) != 1).nonzero().flatten() + 1
-    starts = [0, *restarts.tolist()]
-    return list(zip(starts, [*starts[1:], position_ids.shape[1]], strict=True))
+class Segment(NamedTuple):
+    """One packed sequence, in packed positions (host ints)."""
+
+    start: int  # its first own token
+    length: int  # its own tokens (the queries)
+    prefix_start: int  # the shared prefix it continues (0 when none)
+    prefix_length: int  # tokens of that prefix (= its first position id)
 
 
-def packed_sdpa_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """``query [1, H, N, D]``, ``key`` / ``value [1, H_kv, N, D]``, ``attention_mask`` bool ``[1, 1, N, N]`` →
-    ``[1, N, H, D]`` (as ``sdpa_attention_forward``), one SDPA call per sequence of the packed row."""
-    position_ids = kwargs.get("position_ids")
-    if (
-        position_ids is None
-        or attention_mask is None
-        or attention_mask.dtype != torch.bool
-        or query.shape[0] != 1
-        or position_ids.shape[0] != 1
-        or query.shape[2] != key.shape[2]
-        or query.shape[2] != position_ids.shape[1]
-        or kwargs.get("position_bias") is not None
-    ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = sequence_bounds(position_ids)
-    if len(bounds) == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    firsts = position_ids[0, [start for start, _ in bounds]].tolist()
+@dataclass
+class PackedLayout:
+    """Where each packed sequence's queries and keys lie in a row ``[1, N]``, for every attention layer.
+
+    ``segments`` are host ints (the SDPA and eager forms slice by them); the FlashAttention form reads the device
+    tensors. ``attention_calls`` counts the layers that read this layout, so a forward whose model did not pass it on
+    to its attention is caught (:meth:`check_reached`).
+    """
+
+    segments: tuple[Segment, ...]
+    cu_seqlens_q: torch.Tensor  # int32 [S + 1]: query offsets (the packed row)
+    cu_seqlens_k: torch.Tensor  # int32 [S + 1]: key offsets in the gathered keys
+    max_length_q: int
+    max_length_k: int
+    kv_index: torch.Tensor | None  # int64 [Σ (P + L)]: packed position of each gathered key; None: keys = queries
+    attention_calls: int = field(default=0, compare=False)
+
+    @classmethod
+    def from_segments(cls, segments: tuple[Segment, ...], device: torch.device) -> PackedLayout:
+        """Build the layout of ``segments`` (host arithmetic only; one copy of each index to ``device``)."""
+        lengths_q = [s.length for s in segments]
+        lengths_k = [s.prefix_length + s.length for s in segments]
+        shared = any(s.prefix_length for s in segments)
+        kv_index = None
+        if shared:
+            positions = []
+            for s in segments:
+                positions += [
+                    *range(s.prefix_start, s.prefix_start + s.prefix_length),
+                    *range(s.start, s.start + s.length),
+                ]
+            kv_index = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+
+        def offsets(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *_cumsum(lengths)], dtype=torch.int32).to(device, non_blocking=True)
+
+        return cls(
+            segments=segments,
+            cu_seqlens_q=offsets(lengths_q),
+            cu_seqlens_k=offsets(lengths_k),
+            max_length_q=max(lengths_q, default=0),
+            max_length_k=max(lengths_k, default=0),
+            kv_index=kv_index,
+        )
+
+    def check_reached(self, model_name: str, expected_calls: int | None = None) -> None:
+        """After a forward: raise unless some attention layer read this layout (and, when given, as many as
+        ``expected_calls``); then reset the count."""
+        calls, self.attention_calls = self.attention_calls, 0
+        if calls == 0 or (expected_calls is not None and calls != expected_calls):
+            raise ValueError(
+                f"padding_free=True: {model_name}'s attention layers read the packed layout {calls} times "
+                f"(expected {expected_calls or 'at least once'}): its forward does not pass keyword arguments on to "
+                "its attention, so the packed sequences would attend to each other. Set padding_free=False."
+            )
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ SDPA, eager
+
+
+def _allowed(n_query: int, n_prefix: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """bool ``[L_q, P + L_q]``: query ``i`` (position ``P + i``) sees keys ``j ≤ P + i`` within the window."""
+    q = torch.arange(n_prefix, n_prefix + n_query, device=device)[:, None]
+    k = torch.arange(n_prefix + n_query, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+def _per_sequence(run: Callable, module, query, key, value, layout: PackedLayout, window, **kwargs) -> torch.Tensor:
+    """``[1, N, H, D]``: ``run(module, q, k, v, mask_or_None, **kwargs)`` once per packed sequence."""
     outputs = []
-    root = None  # start of the last sequence that began at position 0
-    windowed = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
-    for (start, end), first in zip(bounds, firsts, strict=True):
-        block = attention_mask[..., start:end, start:end]
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=block.device).tril_()
-        plain_causal = torch.equal(block, causal.expand_as(block))
-        q, k, v = (t[:, :, start:end] for t in (query, key, value))
-        if first == 0:
-            root, root_plain_causal = start, plain_causal
-            mask = None if plain_causal else block
+    for s in layout.segments:
+        q = query[:, :, s.start : s.start + s.length]
+        own = slice(s.start, s.start + s.length)
+        if s.prefix_length:
+            prefix = slice(s.prefix_start, s.prefix_start + s.prefix_length)
+            k, v = (torch.cat((t[:, :, prefix], t[:, :, own]), dim=2) for t in (key, value))
         else:
-            if root is None or root + first > start:
-                raise ValueError(
-                    f"{PACKED_SDPA}: a packed sequence starts at position {first}, continuing a prefix, but no "
-                    "earlier sequence of the row starts at 0 with that many tokens."
-                )
-            if windowed or not (plain_causal and root_plain_causal):
-                raise ValueError(
-                    f"{PACKED_SDPA}: a packed sequence shares a prefix with the one before it, but its attention is "
-                    "not plain causal (a sliding window). Set edpo_share_prompt=False."
-                )
-            k, v = (torch.cat((t[:, :, root : root + first], part), dim=2) for t, part in ((key, k), (value, v)))
-            mask = torch.cat((causal.new_ones(end - start, first), causal), dim=1).expand(1, 1, -1, -1)
-        outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])
-    return torch.cat(outputs, dim=1), None
+            k, v = key[:, :, own], value[:, :, own]
+        outputs.append(run(module, q, k, v, s.prefix_length, window, **kwargs))
+    return torch.cat(outputs, dim=1)
+
+
+def _sdpa_sequence(module, q, k, v, n_prefix: int, window: int | None, **kwargs) -> torch.Tensor:
+    n_query = q.shape[2]
+    plain = n_prefix == 0 and (window is None or window >= n_query)
+    mask = None if plain else _allowed(n_query, n_prefix, window, q.device)[None, None]
+    return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0]
+
+
+def _eager_sequence(module, q, k, v, n_prefix: int, window: int | None, **kwargs) -> torch.Tensor:
+    allowed = _allowed(q.shape[2], n_prefix, window, q.device)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+    return _model_eager(module)(module, q, k, v, mask[None, None], **kwargs)[0]
+
+
+def _model_eager(module: torch.nn.Module) -> Callable:
+    """The eager attention of the model ``module`` belongs to (its modeling file's ``eager_attention_forward``)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"{PACKED_EAGER}: {type(module).__name__}'s modeling file has no eager_attention_forward to run per packed "
+            "sequence. Use attn_implementation='sdpa' or padding_free=False."
+        )
+    return eager
+
+
+def _window(module: torch.nn.Module, kwargs: dict) -> int | None:
+    """The sliding window of this layer: as the model passes it to its attention, else the module's own."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    return int(window) if window else None
+
+
+def _unpacked_row(query: torch.Tensor, key: torch.Tensor) -> int:
+    """An unpacked call: one causal sequence whose queries are the last of its keys (a cache before them); returns
+    that cache's length. Several rows are refused: their padding mask never reaches a packed attention."""
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"A model switched to ε-DPO's packed attention for padding-free training was called on a batch of "
+            f"{query.shape[0]} rows without a packed layout; it runs one unpadded row at a time. Call it per row, or "
+            "use the model outside the padding-free trainer."
+        )
+    return key.shape[2] - query.shape[2]
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query [1, H, N, D]``, ``key`` / ``value [1, H_kv, N, D]`` → ``[1, N, H, D]`` (as ``sdpa_attention_forward``),
+    one SDPA call per sequence of ``kwargs[LAYOUT_KWARG]``."""
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    window = _window(module, kwargs)
+    if layout is None:
+        if attention_mask is not None:  # a mask built by the caller, not by transformers' mask interface
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        n_cache = _unpacked_row(query, key)
+        return _sdpa_sequence(module, query, key, value, n_cache, window, **kwargs), None
+    layout.attention_calls += 1
+    return _per_sequence(_sdpa_sequence, module, query, key, value, layout, window, **kwargs), None
+
+
+def packed_eager_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """As :func:`packed_sdpa_forward`, with the model's own eager attention per sequence (attention weights are not
+    returned)."""
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    window = _window(module, kwargs)
+    if layout is None:
+        if attention_mask is not None:
+            return _model_eager(module)(module, query, key, value, attention_mask, **kwargs)
+        n_cache = _unpacked_row(query, key)
+        return _eager_sequence(module, query, key, value, n_cache, window, **kwargs), None
+    layout.attention_calls += 1
+    return _per_sequence(_eager_sequence, module, query, key, value, layout, window, **kwargs), None
+
+
+# ------------------------------------------------------------------------------------------------ FlashAttention-2
+
+# fn(q [Tq, H, D], k [Tk, H_kv, D], v, cu_q, cu_k, max_q, max_k, *, scale, window, softcap, dropout) -> [Tq, H, D]
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+def varlen_kernel() -> VarlenKernel:
+    """FlashAttention-2's varlen call with causal masks aligned bottom-right (FlashAttention ≥ 2.1): ``flash_attn``'s
+    ``flash_attn_varlen_func`` when installed, else PyTorch's ``varlen_attn`` (CUDA, PyTorch ≥ 2.10)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+
+        def flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, softcap, dropout):
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scale,
+                                          causal=True, window_size=window, softcap=softcap or 0.0)  # fmt: skip
+
+        return flash_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as err:
+        raise ValueError(
+            f"{PACKED_FLASH} needs flash_attn (flash_attn_varlen_func) or PyTorch >= 2.10 "
+            "(torch.nn.attention.varlen.varlen_attn); neither is installed."
+        ) from err
+    return _torch_varlen(varlen_attn)
+
+
+def _torch_varlen(varlen_attn: Callable) -> VarlenKernel:
+    """PyTorch's ``varlen_attn`` behind flash_attn's arguments. Its causal switch differs between releases (an
+    ``is_causal`` flag, or ``window_size=(-1, 0)``), and grouped-query attention needs ``enable_gqa`` where it exists
+    (else the key/value heads are repeated): both read from its signature."""
+    params = inspect.signature(varlen_attn).parameters
+
+    def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, softcap, dropout):
+        if softcap or dropout:
+            raise ValueError(
+                f"{PACKED_FLASH}: PyTorch's varlen_attn has no soft cap or dropout (softcap={softcap}, "
+                f"dropout={dropout}); install flash_attn or use attn_implementation='sdpa'."
+            )
+        kwargs = {"scale": scale}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        if "is_causal" in params:
+            kwargs["is_causal"] = True
+            if window != (-1, -1):
+                kwargs["window_size"] = window
+        else:
+            kwargs["window_size"] = (window[0], 0)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    return torch_varlen
+
+
+def packed_flash_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """``query [1, H, N, D]``, ``key`` / ``value [1, H_kv, N, D]`` → ``[1, N, H, D]``: one varlen call over the
+    packed row, keys gathered per sequence by ``kv_index``, separate query and key ``cu_seqlens``."""
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    if attention_mask is not None:
+        raise ValueError(f"{PACKED_FLASH} takes no attention mask (got one of shape {tuple(attention_mask.shape)}).")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{PACKED_FLASH}: FlashAttention-2 has no attention sinks; use attn_implementation='eager'.")
+    window = _window(module, kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if layout is None:
+        n_cache = _unpacked_row(query, key)
+        n_q = q.shape[0]
+        cu_q = torch.tensor([0, n_q], dtype=torch.int32).to(q.device, non_blocking=True)
+        cu_k = torch.tensor([0, n_cache + n_q], dtype=torch.int32).to(q.device, non_blocking=True)
+        bounds = (cu_q, cu_k, n_q, n_cache + n_q)
+    else:
+        layout.attention_calls += 1
+        if layout.kv_index is not None:
+            k, v = k.index_select(0, layout.kv_index), v.index_select(0, layout.kv_index)
+        bounds = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_length_q, layout.max_length_k)
+    dtype = _flash_dtype(query, module)
+    out = varlen_kernel()(
+        *(t.to(dtype).contiguous() for t in (q, k, v)),
+        *bounds,
+        scale=kwargs.get("scaling"),
+        window=(-1, -1) if window is None else (window - 1, 0),
+        softcap=kwargs.get("softcap"),
+        dropout=kwargs.get("dropout", 0.0) if module.training else 0.0,
+    )
+    return out.unsqueeze(0), None
+
+
+def _flash_dtype(query: torch.Tensor, module: torch.nn.Module) -> torch.dtype:
+    """FlashAttention runs fp16 / bf16: an fp32 query (PEFT's fp32 norms) goes back to the model's half dtype, as
+    transformers' own FlashAttention path does."""
+    if query.dtype != torch.float32:
+        return query.dtype
+    from transformers.integrations.flash_attention import get_target_dtype
+
+    return get_target_dtype(query, module) or query.dtype
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
-AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+AttentionInterface.register(PACKED_EAGER, packed_eager_forward)
+AttentionInterface.register(PACKED_FLASH, packed_flash_forward)
 
 
-def use_packed_sdpa(causal_lm: torch.nn.Module) -> bool:
-    """Switch a model running ``sdpa`` to ``PACKED_SDPA``; True when it now runs it. Any other attention, or a model
-    that cannot change its attention after loading (transformers warns), is left as it is (False)."""
+def use_packed_attention(causal_lm: torch.nn.Module) -> str | None:
+    """Switch a model running sdpa, eager or flash_attention_2 to its packed form (:data:`PACKED_FOR`); returns the
+    name it now runs, or None when it runs something else or transformers cannot switch it."""
     config = getattr(causal_lm, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    causal_lm.set_attn_implementation(PACKED_SDPA)
-    return config._attn_implementation == PACKED_SDPA
+    current = getattr(config, "_attn_implementation", None)
+    if current in PACKED_FOR.values():
+        return current
+    packed = PACKED_FOR.get(current)
+    if packed is None:
+        return None
+    causal_lm.set_attn_implementation(packed)
+    return packed if config._attn_implementation == packed else None
 
 
 def can_share_prefixes(causal_lm: torch.nn.Module) -> bool:
-    """Whether ``causal_lm`` runs ``PACKED_SDPA`` with plain causal attention in every layer (no sliding window, no
-    chunked attention), so that a packed sequence can attend to a prefix it shares with the one before it."""
+    """Whether ``causal_lm`` runs a packed attention in every layer, so that a packed sequence can attend to a prefix
+    it shares with the one before it (sliding windows included: they apply at each sequence's own positions)."""
     config = getattr(causal_lm, "config", None)
-    if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
-        return False
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return layer_types == {"full_attention"} and not windowed and not getattr(config, "attention_chunk_size", None)
+    return getattr(config, "_attn_implementation", None) in PACKED_FOR.values()

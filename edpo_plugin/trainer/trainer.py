@@ -30,15 +30,15 @@ from edpo_plugin.loss import BetaController, edpo_loss
 from edpo_plugin.ops import linear_logprobs
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import (
-    check_pair,
     check_row,
     compare_with_model,
     merge_own,
     own_forward_logprobs,
 )
 from edpo_plugin.trainer.model_head import HeadView, describe_head, forward_to_head, is_peft_head_wrapper
-from edpo_plugin.trainer.packed_attention import PACKED_SDPA, can_share_prefixes, use_packed_sdpa
-from edpo_plugin.trainer.packing import PackedBatch, check_packable, pack_rows, segment_logps
+from edpo_plugin.trainer.packable import check_packable
+from edpo_plugin.trainer.packed_attention import can_share_prefixes, use_packed_attention
+from edpo_plugin.trainer.packing import pack_rows, segment_logps
 from edpo_plugin.trainer.tensor_parallel import (
     clip_grad_norm_mixed_,
     explain_accelerate_refusal,
@@ -96,20 +96,20 @@ class EpsilonDPOTrainer(DPOTrainer):
             _refuse_ref_adapter_with_head_wrapper(policy_view)
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
         if self._padding_free:
-            packed_models = [policy_view.causal_lm]
+            packed_models = [self.model]  # the policy, PEFT-wrapped or not
             if self.ref_model is not None:
-                packed_models.append(describe_head(self.accelerator.unwrap_model(self.ref_model)).causal_lm)
-            for causal_lm in packed_models:
-                check_packable(causal_lm, ())
-                # SDPA over the whole packed row would compute every cross-sequence score only to mask it
-                if use_packed_sdpa(causal_lm):
-                    logger.info("ε-DPO: padding_free=True runs %s's SDPA once per packed sequence (%s).",
-                                type(causal_lm).__name__, PACKED_SDPA)  # fmt: skip
-            self._share_prompt = self._decide_share_prompt(packed_models)
+                packed_models.append(self.accelerator.unwrap_model(self.ref_model))
+            for model in packed_models:
+                check_packable(model)  # refuses what packing would change, before any step
+                causal_lm = describe_head(model).causal_lm
+                attention = use_packed_attention(causal_lm)
+                logger.info("ε-DPO: padding_free=True runs %s's attention as %s, one packed row per micro-batch.",
+                            type(causal_lm).__name__, attention)  # fmt: skip
+            self._share_prompt = self._decide_share_prompt([describe_head(m).causal_lm for m in packed_models])
             if not self.args.edpo_head_check:
                 logger.warning(
-                    "ε-DPO: padding_free=True with edpo_head_check=False: nothing checks that %s's attention keeps "
-                    "the packed sequences apart.",
+                    "ε-DPO: padding_free=True with edpo_head_check=False: what the model's config and classes show is "
+                    "checked (%s), not its forward on a packed micro-batch.",
                     type(policy_view.causal_lm).__name__,
                 )
         else:
@@ -136,9 +136,8 @@ class EpsilonDPOTrainer(DPOTrainer):
                   if not can_share_prefixes(m)]  # fmt: skip
         if self.args.edpo_share_prompt and unable:
             raise ValueError(
-                f"edpo_share_prompt=True needs plain causal attention run by {PACKED_SDPA} (an sdpa model without "
-                f"sliding window or chunked attention); not so for {', '.join(unable)}. Use "
-                "attn_implementation='sdpa' or leave edpo_share_prompt unset."
+                f"edpo_share_prompt=True needs ε-DPO's packed attention (sdpa, eager or flash_attention_2); not so for "
+                f"{', '.join(unable)}. Leave edpo_share_prompt unset."
             )
         share = not unable if self.args.edpo_share_prompt is None else self.args.edpo_share_prompt
         if share:
@@ -152,7 +151,7 @@ class EpsilonDPOTrainer(DPOTrainer):
             raise ValueError("ε-DPO never materialises logits, so compute_loss cannot return model outputs.")
         inputs = self._drop_duplicate_bos(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        if not self._head_checked and self.model.training:
+        if not self._head_checked:  # the first micro-batch, training or evaluation
             self._head_checked = self._check_head_against_model(model, unwrapped, inputs)
         if _is_wrapped(model, unwrapped):
             # DDP / DeepSpeed / FSDP1 wrap the model: run inside the wrapper's forward so that its gradient-sync and
@@ -197,11 +196,11 @@ class EpsilonDPOTrainer(DPOTrainer):
         completion = inputs["completion_mask"][:, 1:].bool()
         packed = None
         if self._padding_free:
-            check_packable(view.causal_lm, inputs.keys())
+            check_packable(model, inputs.keys())
             packed = pack_rows(
                 inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], self._share_prompt
             )
-            model_kwargs = packed_model_kwargs(packed)
+            model_kwargs = packed.model_kwargs()
             labels = packed.labels
         else:
             model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
@@ -211,10 +210,14 @@ class EpsilonDPOTrainer(DPOTrainer):
         # MoE: the policy's own forward returns its router auxiliary loss (as in TRL's DPO; the reference's is unused)
         policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
         policy_forward = self._head_input(model, view, policy_kwargs, inside_forward)
+        if packed is not None:
+            packed.layout.check_reached(type(view.causal_lm).__name__)
         ref_gathered = contextlib.ExitStack()
         ref_hidden, ref_view, ref_adapters = self._reference_head_input(
             model, view, model_kwargs, inside_forward, ref_gathered
         )
+        if packed is not None:
+            packed.layout.check_reached(f"{type(ref_view.causal_lm).__name__} (reference)")
         # padded: position t predicts token t + 1 of its row; packed: the positions that predict a label
         hidden = policy_forward.hidden[:, packed.label_index] if packed else policy_forward.hidden[:, :-1]
         ref_hidden = ref_hidden[:, packed.label_index] if packed else ref_hidden[:, :-1]
@@ -257,44 +260,52 @@ class EpsilonDPOTrainer(DPOTrainer):
             label_smoothing=self.args.label_smoothing,
         )  # fmt: skip
 
-        # A pair with no completion token left (empty completion, or truncated away) carries no signal: it is
-        # left out of the loss and of β's statistics, with a warning.
-        n_completion = completion.sum(-1).chunk(2)
-        contributes = (n_completion[0] > 0) & (n_completion[1] > 0)
-        n_pairs = contributes.sum()
-        loss = ((out.losses * contributes).sum() / n_pairs.clamp(min=1)).float()
-        # None where the model's forward computes no auxiliary loss (Llama4ForCausalLM): its objective has none
+        # As in TRL's DPO, every pair counts: a completion with no token left to score (empty, or truncated away) has
+        # log-probability 0 under every model.
+        loss = out.losses.mean().float()
         aux_loss = getattr(policy_forward.outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        # None where the model's forward computes no auxiliary loss (Llama4ForCausalLM): its objective has none; a
+        # Python 0 where it collected no router logits (GraniteMoe): a zero loss
         if aux_loss is not None:
+            aux_loss = torch.as_tensor(aux_loss, dtype=loss.dtype, device=loss.device)
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
-        if not self._warned_empty_completion and not bool(contributes.all()):
-            self._warned_empty_completion = True
-            logger.warning(
-                "ε-DPO: a pair whose chosen or rejected completion has no token after truncation (max_length=%s) was "
-                "left out of the loss and of the β update. Raise max_length or drop such rows from the dataset.",
-                self.args.max_length,
-            )
+        self._warn_empty_completions(completion)
 
         if mode == "train":
-            self.beta_controller.accumulate(out.decisions, contributes)
-        self._log_pair_metrics(mode, inputs, out, policy, contributes)
+            self.beta_controller.accumulate(out.decisions)
+        self._log_pair_metrics(mode, inputs, out, policy)
         backbone_tokens = model_kwargs["input_ids"].new_tensor(model_kwargs["input_ids"].numel())
         # positions one backbone forward ran on (real tokens and padding), summed over ranks, per micro-batch
         self._metrics[mode]["backbone_tokens"].append(self.accelerator.gather(backbone_tokens).sum().item())
         return loss
 
-    def _log_pair_metrics(self, mode, inputs, out, policy, contributes) -> None:
+    def _warn_empty_completions(self, completion: torch.Tensor) -> None:
+        """Once per run: say which completions have no token to score (``completion [2B, T-1]``, bool)."""
+        if self._warned_empty_completion:
+            return
+        counts = completion.sum(-1)
+        empty = int((counts == 0).sum())
+        if empty:
+            self._warned_empty_completion = True
+            logger.warning(
+                "ε-DPO: %d of %d completions in a micro-batch have no token to score (empty after the prompt, or cut "
+                "by max_length=%s): their log-probability is 0 under every model and the pair still counts in the "
+                "loss, as in TRL's DPO. Drop such rows or raise max_length if that is not intended.",
+                empty,
+                counts.numel(),
+                self.args.max_length,
+            )
+
+    def _log_pair_metrics(self, mode, inputs, out, policy) -> None:
         gather = self.accelerator.gather
         metrics = self._metrics[mode]
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
         metrics["num_tokens"] = [self._total_train_tokens]
-        keep = gather(contributes.float())
-        n = keep.sum().clamp(min=1)
 
         def mean(t: torch.Tensor) -> float:
-            return ((gather(t.detach().float()) * keep).sum() / n).item()
+            return gather(t.detach().float()).mean().item()
 
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
         metrics["rewards/chosen"].append(mean(chosen))
@@ -344,25 +355,49 @@ class EpsilonDPOTrainer(DPOTrainer):
         return out
 
     def _check_head_against_model(self, model, unwrapped, inputs) -> bool:
-        """The first-step check (``edpo_head_check``): on one short row, the fused head on the head input training
-        reads (the same call path as :meth:`_compute_edpo_loss`) against the policy's and the reference's own plain
-        forward — two separate calls (see ``head_check.py``). Runs on every rank's first training micro-batch (its
-        forwards take the same collectives everywhere); returns True."""
+        """The first-step check (``edpo_head_check``), on the first micro-batch of training or evaluation: the fused
+        head on the head input training reads (the same call path as :meth:`_compute_edpo_loss`) against the
+        policy's and the reference's own plain forward, row by row — separate calls (see ``head_check.py``), with
+        dropout off. Padded, one short row; padding-free, the whole micro-batch packed as training packs it. Runs on
+        every rank (its forwards take the same collectives everywhere); returns False when the micro-batch has no row
+        to check (then the next one is checked)."""
         if self._padding_free:
-            # two sequences packed the way training packs them, against each one's own unpadded forward: an
-            # attention that lets the second see the first, or ignores the restarted positions, shows up here
-            ids, mask = check_pair(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            # the micro-batch packed as training packs it, every next token a label, against each row's own forward:
+            # an attention that lets a sequence see another, or a position read from the row, shows up here
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
             packed = pack_rows(ids, mask, share_prefixes=self._share_prompt)
-            kwargs = {**packed_model_kwargs(packed), "use_cache": False}
-            labels, scored = packed.labels, torch.ones_like(packed.labels, dtype=torch.bool)
-            hidden_positions = packed.label_index
+            kwargs, labels, hidden_positions = packed.model_kwargs(), packed.labels, packed.label_index
         else:
-            ids, mask = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-            kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-            labels, scored = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
-            hidden_positions = slice(None, -1)
-        own_rows = [ids[i : i + 1, : int(n)] for i, n in enumerate(mask.sum(dim=1))]
+            row = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            if row is None:
+                return False
+            ids, mask = row
+            packed = None
+            kwargs = {"input_ids": ids, "attention_mask": mask}
+            labels, hidden_positions = ids[:, 1:], slice(None, -1)
+        kwargs["use_cache"] = False
+        own_rows = [ids[i : i + 1, mask[i].bool()] for i in range(ids.shape[0]) if int(mask[i].sum()) >= 2]
+        if not own_rows:
+            return False
         wrapped = _is_wrapped(model, unwrapped)
+        models = [unwrapped] + ([] if self.ref_model is None else [self.accelerator.unwrap_model(self.ref_model)])
+        was_training = [m.training for m in models]
+        for m in models:
+            m.eval()  # dropout off: both sides must compute the same function
+        try:
+            checks = self._head_check_pairs(model, unwrapped, kwargs, labels, hidden_positions, own_rows, packed,
+                                            wrapped)  # fmt: skip
+        finally:
+            for m, training in zip(models, was_training, strict=True):
+                m.train(training)
+        for own_forward, got, what in checks:
+            worst = compare_with_model(own_forward, got, what, packed=self._padding_free)
+            logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
+        return True
+
+    def _head_check_pairs(self, model, unwrapped, kwargs, labels, hidden_positions, own_rows, packed, wrapped):
+        """``[(own forward, fused log-probs, what)]`` for the policy and the reference (see
+        :meth:`_check_head_against_model`)."""
 
         def fused(view: HeadView, hidden: torch.Tensor, adapters: bool) -> torch.Tensor:
             weight, bias = view.weight_and_bias(adapters=adapters)
@@ -371,7 +406,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, bias=bias,
                 ref_bias=bias, epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk, vocab_chunk=self.args.edpo_head_vocab_chunk,
-            ).policy[scored].unsqueeze(0)  # fmt: skip
+            ).policy  # fmt: skip
 
         def own(forward_model: torch.nn.Module, view: HeadView):
             parts = []
@@ -384,8 +419,12 @@ class EpsilonDPOTrainer(DPOTrainer):
         def training_path(kw: dict) -> tuple[torch.Tensor, HeadView, bool]:
             view = describe_head(unwrapped)
             policy = self._head_input(unwrapped, view, kw, wrapped).hidden
+            if packed is not None:
+                packed.layout.check_reached(type(view.causal_lm).__name__)
             with contextlib.ExitStack() as gathered:
                 ref = self._reference_head_input(unwrapped, view, kw, wrapped, gathered)
+            if packed is not None:
+                packed.layout.check_reached(f"{type(ref[1].causal_lm).__name__} (reference)")
             return policy, ref
 
         with torch.no_grad(), self.accelerator.autocast():
@@ -411,10 +450,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 with _fsdp_unit_gathered(self.ref_model), _fsdp_unit_gathered(ref_view.module):
                     got = _run_as_forward_of(ref_view.module, lambda: fused(ref_view, ref_hidden, ref_adapters))
             checks.append((own_ref, got, f"{type(view.causal_lm).__name__} (reference)"))
-        for own_forward, got, what in checks:
-            worst = compare_with_model(own_forward, got, what, packed=self._padding_free)
-            logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)
-        return True
+        return checks
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -497,12 +533,6 @@ def sequence_logps(token_logps: torch.Tensor) -> torch.Tensor:
     """float64 ``[B]``: per-sequence sums of ``[B, T]`` token log-probs. float64 because the decisions compare sums
     that differ by O(ε) and must not flip by rounding (fp32 sums of a few thousand tokens do)."""
     return token_logps.double().sum(-1)
-
-
-def packed_model_kwargs(packed: PackedBatch) -> dict[str, torch.Tensor]:
-    """Forward arguments of a packed row: token ids and restarting ``position_ids`` ``[1, N]``, and no attention
-    mask, so that transformers splits attention at every sequence start."""
-    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
 
 
 def _is_wrapped(model: torch.nn.Module, unwrapped: torch.nn.Module) -> bool:

@@ -3,6 +3,7 @@ against the model's own padded forward: streams, loss, gradients, decisions, the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 
@@ -105,16 +106,34 @@ def _shared_prefix_lengths(batch: dict) -> list[int]:
     return shared
 
 
+@contextlib.contextmanager
+def _unpacked_attention(models):
+    """The models' own attention (sdpa / eager) instead of ε-DPO's packed form, for a padded step."""
+    from edpo_plugin.trainer.packed_attention import PACKED_FOR
+
+    own = {packed: name for name, packed in PACKED_FOR.items()}
+    switched = [(m, m.config._attn_implementation) for m in models if m.config._attn_implementation in own]
+    for m, packed in switched:
+        m.set_attn_implementation(own[packed])
+    try:
+        yield
+    finally:
+        for m, packed in switched:
+            m.set_attn_implementation(packed)
+
+
 def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
     trainer._padding_free = padding_free
     trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, batch)
+    padded = contextlib.nullcontext() if padding_free else _unpacked_attention([trainer.model, trainer.ref_model])
+    with padded:
+        loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.detach(), recorder.streams[-1], recorder.outs[-1], grads
 
 
-@pytest.mark.parametrize(("attn", "share_prompt"), [("sdpa", True), ("sdpa", False), ("eager", False)])
+@pytest.mark.parametrize(("attn", "share_prompt"), [("sdpa", True), ("sdpa", False), ("eager", True)])
 def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkeypatch, attn, share_prompt):
     recorder = _Recorder(monkeypatch)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn=attn, edpo_share_prompt=share_prompt)
@@ -143,7 +162,7 @@ def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkey
         pf = _padded_layout(pf, batch)
         assert (pf - pad * completion).abs().max().item() <= 1e-5, f"{name}: packed and padded token log-probs differ"
     # and the policy stream is the model's own padded forward
-    with torch.no_grad():
+    with torch.no_grad(), _unpacked_attention([trainer.model]):
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, :-1].double()
     own = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * completion
     assert (_padded_layout(streams_pf[0], batch).double() - own).abs().max().item() <= 1e-5
@@ -235,141 +254,75 @@ def test_pack_rows_shares_each_pairs_prefix():
         pack_rows(ids[:3], mask[:3], share_prefixes=True)
 
 
-def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_path, monkeypatch):
-    """A model whose attention does not split at restarting position_ids (here: eager attention with transformers'
-    packed-sequence detection switched off, so the packed row runs one causal mask) is stopped by the first-step
-    check, naming it."""
-    import transformers.masking_utils as masking_utils
+def _blind_per_sequence(drop: str):
+    """A broken packed attention: ``drop="bounds"`` runs the whole row as one causal sequence (sequences see each
+    other); ``drop="prefix"`` runs each sequence without the prefix it shares (a rejected completion loses its
+    prompt)."""
+    from edpo_plugin.trainer import packed_attention
 
-    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="eager", max_steps=1)
-    with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
+    real = packed_attention._per_sequence
+
+    def broken(run, module, query, key, value, layout, window, **kwargs):
+        if drop == "bounds":
+            n = query.shape[2]
+            layout = packed_attention.PackedLayout.from_segments((packed_attention.Segment(0, n, 0, 0),), query.device)
+        else:
+            segments = tuple(s._replace(prefix_start=0, prefix_length=0) for s in layout.segments)
+            layout = packed_attention.PackedLayout.from_segments(segments, query.device)
+        return real(run, module, query, key, value, layout, window, **kwargs)
+
+    return broken
+
+
+@pytest.mark.parametrize(("drop", "check"), [("bounds", True), ("prefix", True), ("bounds", False)])
+def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_path, monkeypatch, drop, check):
+    """An attention that lets packed sequences see each other, or that drops a shared prompt, is stopped by the
+    first-step check (which packs the whole micro-batch as training does), naming it; with the check off nothing
+    could tell (the refusal before training is for what the model's config and classes show)."""
+    from edpo_plugin.trainer import packed_attention
+
+    monkeypatch.setattr(packed_attention, "_per_sequence", _blind_per_sequence(drop))
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1, edpo_head_check=check)
+    assert trainer._share_prompt
+    if check:
+        with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
+            trainer.train()
+    else:
         trainer.train()
 
 
-def test_first_step_check_refuses_attention_blind_to_shared_prompts(tiny_default, tmp_path):
-    """Shared prompts laid out for a model whose attention does not read them (eager: transformers' mask runs the
-    rejected completion without its prompt) are stopped by the first-step check."""
-    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="eager", max_steps=1)
-    trainer._share_prompt = True
+def test_evaluation_is_checked_too(tiny_default, tmp_path, monkeypatch):
+    """``evaluate()`` before any training step runs the same first-step check on its first micro-batch."""
+    from edpo_plugin.trainer import packed_attention
+
+    monkeypatch.setattr(packed_attention, "_per_sequence", _blind_per_sequence("bounds"))
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1)
+    trainer.eval_dataset = trainer.train_dataset
     with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
-        trainer.train()
+        trainer.evaluate()
 
 
 def test_unsupported_attention_and_batch_keys_are_refused(tiny_default, tmp_path):
-    from edpo_plugin.trainer.packing import check_packable
+    from edpo_plugin.trainer.packable import check_packable
 
     tok = AutoTokenizer.from_pretrained(tiny_default["model"])
     model = _tiny_llama(tok)
     model.config._attn_implementation = "paged|sdpa"
-    with pytest.raises(ValueError, match=re.escape("LlamaForCausalLM runs attn_implementation='paged|sdpa'")):
-        check_packable(model, ())
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "train LlamaForCausalLM on a different objective: its forward "
+            "depends on the packed row through attn_implementation='paged|sdpa'"
+        ),
+    ):
+        check_packable(model, ())  # fmt: skip
     model.config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
         check_packable(model, ["input_ids", "attention_mask", "completion_mask", "pixel_values"])
 
 
-def _own_forward_per_sequence(model, sequences: list[torch.Tensor]) -> torch.Tensor:
-    """``[N, V]`` float64: each sequence's logits from the model's own unpadded forward, one sequence at a time."""
-    with torch.no_grad():
-        return torch.cat([model(input_ids=ids[None]).logits[0].double() for ids in sequences])
-
-
-@pytest.mark.parametrize("sliding_window", [None, 5])
-def test_packed_sdpa_attends_within_each_sequence_only(tiny_default, monkeypatch, sliding_window):
-    """``PACKED_SDPA`` on a packed row gives each sequence the logits of the model's own forward on it alone, with
-    one SDPA call per sequence on that sequence's length (Σ L² scores, not N²); with a sliding window shorter than
-    the sequences, the window still applies inside each one."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from edpo_plugin.trainer.packed_attention import PACKED_SDPA, use_packed_sdpa
-
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                           initializer_range=0.2, sliding_window=sliding_window)  # fmt: skip
-    config._attn_implementation = "sdpa"
-    model = MistralForCausalLM(config).float().eval()
-    lengths = [7, 12, 1, 9]
-    sequences = [torch.randint(0, 64, (n,)) for n in lengths]
-    expected = _own_forward_per_sequence(model, sequences)
-
-    assert use_packed_sdpa(model) and model.config._attn_implementation == PACKED_SDPA
-    query_lengths = []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, *args, **kwargs):
-        query_lengths.append(query.shape[-2])
-        return real_sdpa(query, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        got = model(input_ids=torch.cat(sequences)[None], position_ids=positions, use_cache=False).logits[0].double()
-    assert query_lengths == lengths * config.num_hidden_layers
-    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
-    # the unpacked forward through PACKED_SDPA is transformers' sdpa
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real_sdpa)
-    assert (_own_forward_per_sequence(model, sequences) - expected).abs().max().item() == 0
-
-
-def test_packed_sdpa_runs_a_shared_prefix_once(tiny_default, monkeypatch):
-    """Shared prompts (``pack_rows(share_prefixes=True)``) through ``PACKED_SDPA``: every token's log-prob is the
-    model's own unpadded forward on its whole row, prompt included, while each completion's queries attend to the
-    prompt's keys without recomputing them; with a sliding window the layout is refused rather than run."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from edpo_plugin.trainer.packed_attention import can_share_prefixes, use_packed_sdpa
-
-    def model(sliding_window):
-        torch.manual_seed(0)
-        config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                               initializer_range=0.2, sliding_window=sliding_window)  # fmt: skip
-        config._attn_implementation = "sdpa"
-        return MistralForCausalLM(config).float().eval()
-
-    torch.manual_seed(1)
-    prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
-    completions = [torch.randint(1, 64, (n,)) for n in (5, 2, 4, 3)]
-    chosen = [torch.cat((prompts[0], completions[0])), torch.cat((prompts[1], completions[1]))]
-    rejected = [torch.cat((prompts[0], completions[2])), torch.cat((prompts[1], completions[1], completions[3]))]
-    rows = chosen + rejected
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
-    packed = pack_rows(ids, mask, share_prefixes=True)
-    plain = model(None)
-    with torch.no_grad():  # each row's own forward: log-prob of every next token
-        expected = torch.cat([plain(input_ids=r[None]).logits[0, :-1].double().log_softmax(-1)
-                              .gather(-1, r[1:, None]).squeeze(-1) for r in rows])  # fmt: skip
-    assert packed.input_ids.shape[1] < int(mask.sum())
-    assert use_packed_sdpa(plain) and can_share_prefixes(plain)
-
-    shapes = []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, *args, **kwargs):
-        shapes.append((query.shape[-2], key.shape[-2]))
-        return real_sdpa(query, key, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    kwargs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "use_cache": False}
-    with torch.no_grad():
-        logits = plain(**kwargs).logits[0, packed.label_index].double()
-    got = logits.log_softmax(-1).gather(-1, packed.labels[0, :, None]).squeeze(-1)
-    assert (got - expected).abs().max().item() <= 1e-5
-    # (queries, keys): each chosen row whole, each rejected completion against prompt + itself; pair 1's rejected
-    # row goes on from its chosen row (all prefix), one sequence
-    assert shapes == [(11, 11), (4, 10), (8, 8)] * 2
-
-    windowed = model(5)
-    assert use_packed_sdpa(windowed) and not can_share_prefixes(windowed)
-    with pytest.raises(ValueError, match="not plain causal"), torch.no_grad():
-        windowed(**kwargs)
-
-
-def test_padding_free_switches_sdpa_models_only(tiny_default, tmp_path):
-    from edpo_plugin.trainer.packed_attention import PACKED_SDPA
+def test_padding_free_switches_to_packed_attention(tiny_default, tmp_path):
+    from edpo_plugin.trainer.packed_attention import PACKED_EAGER, PACKED_SDPA
 
     trainer = _trainer(tiny_default, tmp_path / "pf", padding_free=True)
     assert trainer.model.config._attn_implementation == PACKED_SDPA
@@ -377,8 +330,7 @@ def test_padding_free_switches_sdpa_models_only(tiny_default, tmp_path):
     assert _trainer(tiny_default, tmp_path / "pad", padding_free=False).model.config._attn_implementation == "sdpa"
     assert trainer._share_prompt
     eager = _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager")
-    assert eager.model.config._attn_implementation == "eager" and not eager._share_prompt
-    with pytest.raises(ValueError, match=re.escape("not so for LlamaForCausalLM (eager), LlamaForCausalLM (eager)")):
-        _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager", edpo_share_prompt=True)
+    assert eager.model.config._attn_implementation == PACKED_EAGER and eager._share_prompt
+    assert not _trainer(tiny_default, tmp_path / "no", padding_free=True, edpo_share_prompt=False)._share_prompt
     with pytest.raises(ValueError, match="edpo_share_prompt=True .* needs padding_free=True"):
         EpsilonDPOConfig(output_dir=str(tmp_path), edpo_share_prompt=True, use_cpu=True)

@@ -179,26 +179,6 @@ def test_peft_reference_is_the_base_model(tiny_default, tmp_path):
     assert any(h["kl/p_epsilon_steps"] + h["kl/n_epsilon_steps"] > 0 for h in logs[1:])
 
 
-def test_empty_completion_pair_is_left_out(tiny_default, tmp_path, caplog):
-    trainer = _trainer(tiny_default, tmp_path)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    batch = next(iter(trainer.get_train_dataloader()))
-    b = batch["input_ids"].shape[0] // 2
-    trainer.model.train()
-    others = [i for i in range(2 * b) if i not in (0, b)]  # every pair but pair 0
-    without_pair0 = trainer.compute_loss(trainer.model, {k: v[others] for k, v in batch.items()}).item()
-    emptied = dict(batch)
-    emptied["completion_mask"] = batch["completion_mask"].clone()
-    emptied["completion_mask"][0] = 0  # pair 0's chosen completion: no token left
-    with caplog.at_level("WARNING"):
-        loss = trainer.compute_loss(trainer.model, emptied)
-    assert "left out" in caplog.text
-    assert loss.item() == pytest.approx(without_pair0, rel=1e-6)
-    assert trainer.beta_controller._pending[1].item() == 2 * (b - 1)  # β counts only the contributing pairs
-
-
 @pytest.mark.parametrize(
     "overrides,match",
     [

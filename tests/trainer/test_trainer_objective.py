@@ -145,6 +145,60 @@ def test_loss_and_gradients_equal_trl_dpo(tiny_default, tmp_path, case):
     _assert_same_gradients(ours.model, trl.model)
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_completion_with_no_scored_token_counts_as_in_trl(tiny_default, tmp_path, caplog, padding_free):
+    """A one-token chosen row (an empty prompt and an EOS-only completion, no BOS: nothing to score): TRL's DPO keeps
+    the pair, its chosen log-probability 0 under both models; so do we, padded and padding-free, with the first-step
+    check running on that micro-batch."""
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(8))
+    torch.manual_seed(0)
+    base = _llama(tok)
+    ref = copy.deepcopy(base)
+    _perturb(base, scale=0.3)
+    ours = EpsilonDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(ref),
+                             args=_args(EpsilonDPOConfig, tmp_path / "ours", padding_free=padding_free),
+                             train_dataset=data, processing_class=tok)  # fmt: skip
+    trl = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(ref), args=_args(DPOConfig, tmp_path / "trl"),
+                     train_dataset=data, processing_class=tok)  # fmt: skip
+    batch = dict(next(iter(ours.get_train_dataloader())))
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        batch[key] = batch[key].clone()
+    batch["input_ids"][0] = tok.pad_token_id
+    batch["input_ids"][0, 0] = tok.eos_token_id
+    batch["attention_mask"][0] = 0
+    batch["attention_mask"][0, 0] = 1
+    batch["completion_mask"][0] = 0
+    batch["completion_mask"][0, 0] = 1
+    with caplog.at_level(logging.WARNING, logger="edpo_plugin.trainer.trainer"):
+        losses = _one_step_losses({"ours": ours, "trl": trl}, batch)
+    assert losses["ours"] == pytest.approx(losses["trl"], rel=1e-5), losses
+    _assert_same_gradients(ours.model, trl.model)
+    assert "1 of 8 completions in a micro-batch have no token to score" in caplog.text
+    assert ours.beta_controller._pending[1].item() == 4  # every pair counts in β's statistics too
+
+
+def test_granitemoe_router_loss_is_its_own(tiny_default, tmp_path):
+    """GraniteMoe returns its router auxiliary loss as a Python 0 when its forward collects no router logits; that is
+    a zero loss (the model's own forward says so), not a crash."""
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    torch.manual_seed(0)
+    model = GraniteMoeForCausalLM(GraniteMoeConfig(**_tiny_config(tok, num_local_experts=4, num_experts_per_tok=2)))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    own = model(input_ids=ids, output_router_logits=True).aux_loss
+    losses = {}
+    for coef in (0.0, 0.5):
+        trainer = _edpo_trainer(tiny_default, tmp_path / str(coef), copy.deepcopy(model), router_aux_loss_coef=coef)
+        assert trainer.aux_loss_enabled == (coef > 0)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        losses[coef] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses[0.5] == pytest.approx(losses[0.0] + 0.5 * float(own), rel=1e-6)
+    assert trainer._metrics["train"]["aux_loss"] == [float(own)]
+
+
 class _ScaledLogitsLlama(LlamaForCausalLM):
     """An architecture nobody described: its forward halves the logits."""
 
