@@ -54,9 +54,10 @@ def packing_obstacles(model: torch.nn.Module, attention: str | None = None) -> l
     attention = attention or getattr(config, "_attn_implementation", None)
     if attention not in PACKABLE_ATTENTION and not str(attention).startswith("edpo_packed"):
         obstacles.append(f"attn_implementation={attention!r} (ε-DPO packs sdpa, eager or flash_attention_2)")
-    if not _can_set_attention(causal_lm):
+    has_attention = any("Attention" in type(m).__name__ for m in causal_lm.modules())
+    if has_attention and not _can_set_attention(causal_lm):
         obstacles.append("an attention that transformers' AttentionInterface does not run (no packed attention)")
-    elif not getattr(type(causal_lm), "_supports_attention_backend", True):
+    elif has_attention and not getattr(type(causal_lm), "_supports_attention_backend", True):
         obstacles.append("an attention that takes no keyword arguments from the forward (the packed layout)")
     if "position_ids" not in inspect.signature(causal_lm.forward).parameters:
         obstacles.append("a forward without position_ids (positions counted from the start of the packed row)")

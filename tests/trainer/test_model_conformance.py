@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -437,6 +438,29 @@ ARCHS += [
         group="decoder",
     ),  # fmt: skip
 ]
+# State-space models: no attention, lm_head read by the forward (it casts the hidden state to lm_head.weight.dtype)
+_NOT_SSM = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+ARCHS += [
+    Arch("mamba", "mamba", "MambaConfig", "MambaForCausalLM", dict(state_size=8), drop=_NOT_SSM, group="decoder"),
+    Arch(
+        "mamba2",
+        "mamba2",
+        "Mamba2Config",
+        "Mamba2ForCausalLM",
+        dict(state_size=8, num_heads=4, head_dim=16, n_groups=1, expand=2, chunk_size=16),
+        drop=_NOT_SSM,
+        group="decoder",
+    ),
+    Arch(
+        "falcon-mamba",
+        "falcon_mamba",
+        "FalconMambaConfig",
+        "FalconMambaForCausalLM",
+        dict(state_size=8),
+        drop=_NOT_SSM,
+        group="decoder",
+    ),  # fmt: skip
+]
 ARCH_BY_ID = {a.id: a for a in ARCHS}
 
 
@@ -699,6 +723,124 @@ NOT_BUILT_HERE = {
     "gemma4_text": "per-layer-input stack, no tiny text-only build in this suite",
     "granite4_vision": "multimodal wrapper dividing by text_config.logits_scaling (read from its forward, not built)",
 }
+
+
+# ----------------------------------------------------------------------------------------------------- padding-free
+
+# What packing is refused for, by architecture: the feature the refusal names (packable.packing_obstacles).
+PACKING_REFUSED = {
+    "stablelm": "takes no keyword arguments",
+    "falcon": "AttentionInterface does not run",
+    "granitemoehybrid": "GraniteMoeHybridMambaLayer",
+    "recurrent-gemma": "RecurrentGemmaRglru",
+    "falcon-h1": "FalconH1Mixer",
+    **{a.id: "forward without position_ids" for a in ARCHS if a.id.endswith("-causal")},
+    "llama4-text": "chunked attention",
+    "mamba": "MambaMixer",
+    "mamba2": "Mamba2Mixer",
+    "falcon-mamba": "FalconMambaMixer",
+}
+_HYBRID = dict(COMMON, num_hidden_layers=2)
+# Built only to be refused: recurrent hybrids, ALiBi, Llama-4's NoPE temperature; (config, model, kwargs, feature)
+REFUSED_ONLY = {
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(_HYBRID, num_experts=2, num_experts_per_tok=1,
+              attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False),
+              "JambaMambaMixer"),
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(_HYBRID, mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8,
+               layers_block_type=["mamba", "hybrid"], num_mem_blocks=1, chunk_size=16), "Zamba2MambaMixer"),
+    "bamba": ("BambaConfig", "BambaForCausalLM", dict(_HYBRID, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8,
+              mamba_d_state=16, mamba_chunk_size=16), "BambaMixer"),
+    "nemotron-h": ("NemotronHConfig", "NemotronHForCausalLM", dict(_HYBRID, hybrid_override_pattern="M*",
+                   mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, chunk_size=16, n_groups=1),
+                   "NemotronHMamba2Mixer"),
+    "qwen3-next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(_HYBRID, layer_types=["linear_attention",
+                   "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                   linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=32), "Qwen3NextGatedDeltaNet"),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(_HYBRID, layer_types=["conv", "full_attention"]), "Lfm2ShortConv"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4), "ALiBi"),
+    "falcon-alibi": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=4, alibi=True), "ALiBi"),
+    "llama4-nope": ("Llama4TextConfig", "Llama4ForCausalLM", dict(_HYBRID, num_local_experts=4, num_experts_per_tok=1,
+                    intermediate_size_mlp=64, interleave_moe_layer_step=1, no_rope_layers=[1, 0], floor_scale=4),
+                    "NoPE layers with attn_temperature_tuning"),
+}  # fmt: skip
+
+
+def _packing_rows():
+    """Two pairs sharing their prompts, padded ``[4, T]``, and the rows themselves."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 9)]
+    tails = [torch.randint(3, VOCAB, (n,), generator=g) for n in (6, 4, 7, 3)]
+    rows = [torch.cat((prompts[0], tails[0])), torch.cat((prompts[1], tails[1])),
+            torch.cat((prompts[0], tails[2])), torch.cat((prompts[1], tails[3]))]  # fmt: skip
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    return rows, ids, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", _params(ARCHS))
+def test_padding_free_is_exact_or_refused(arch: Arch, attn: str):
+    """Every architecture packed the way padding-free training packs it (whole sequences, and shared prompts) gives
+    each token the log-prob of the model's own forward on its row alone — or is refused up front, from its config and
+    classes, naming the feature (then no check has to catch it)."""
+    from edpo_plugin.trainer.packable import packing_obstacles
+    from edpo_plugin.trainer.packed_attention import use_packed_attention
+    from edpo_plugin.trainer.packing import pack_rows
+
+    model = _build(arch)
+    if attn == "sdpa":
+        if not getattr(model, "_supports_sdpa", False):
+            pytest.skip(f"{arch.model_cls} has no sdpa attention")
+        model.set_attn_implementation("sdpa")
+    obstacles = "; ".join(packing_obstacles(model))
+    if arch.id in PACKING_REFUSED:
+        assert PACKING_REFUSED[arch.id] in obstacles, obstacles
+        return
+    assert not obstacles
+    rows, ids, mask = _packing_rows()
+    with torch.no_grad():
+        want = torch.cat([_gather(model(input_ids=r[None]).logits[:, :-1], r[None, 1:]) for r in rows], dim=1)
+    assert use_packed_attention(model)
+    for share in (False, True):
+        packed = pack_rows(ids, mask, share_prefixes=share)
+        with torch.no_grad():
+            logits = model(**packed.model_kwargs(), use_cache=False).logits[:, packed.label_index]
+        packed.layout.check_reached(arch.model_cls)
+        assert (_gather(logits, packed.labels) - want).abs().max().item() <= STREAM_TOL, f"share_prefixes={share}"
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_ONLY))
+def test_padding_free_refuses_recurrent_alibi_and_nope_models(case):
+    from edpo_plugin.trainer.packable import check_packable
+
+    config_cls, model_cls, kwargs, feature = REFUSED_ONLY[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = getattr(transformers, config_cls)(**kwargs)
+        config._attn_implementation = "eager"
+        model = getattr(transformers, model_cls)(config)
+    with pytest.raises(
+        ValueError,
+        match=rf"padding_free=True would train {model_cls} on a different objective: .*"
+        rf"{re.escape(feature)}.* Set padding_free=False \(Axolotl: dpo_padding_free: false\)",
+    ):
+        check_packable(model)  # fmt: skip
+
+
+def test_padding_free_refuses_activated_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from edpo_plugin.trainer.packable import check_packable
+
+    model = get_peft_model(_build(ARCH_BY_ID["llama-untied"]), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                          alora_invocation_tokens=[5, 6]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"PEFT activated LoRA \(adapter 'default': alora_invocation_tokens"):
+        check_packable(model)
+    assert not check_packable(
+        get_peft_model(_build(ARCH_BY_ID["llama-tied"]), LoraConfig(r=2, target_modules=["q_proj"]))
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- refusals

@@ -334,3 +334,54 @@ def test_padding_free_switches_to_packed_attention(tiny_default, tmp_path):
     assert not _trainer(tiny_default, tmp_path / "no", padding_free=True, edpo_share_prompt=False)._share_prompt
     with pytest.raises(ValueError, match="edpo_share_prompt=True .* needs padding_free=True"):
         EpsilonDPOConfig(output_dir=str(tmp_path), edpo_share_prompt=True, use_cpu=True)
+
+
+def test_per_sequence_sums_are_float64():
+    """The decisions compare sequence sums that differ by O(ε): packed (segment_logps) and padded (sequence_logps)
+    sums of fp32 token log-probs are float64, to the last digit of an exact sum (fp32 accumulation of these 4096
+    tokens is off by ~1e-3)."""
+    import math
+
+    from edpo_plugin.trainer.packing import segment_logps
+    from edpo_plugin.trainer.trainer import sequence_logps
+
+    g = torch.Generator().manual_seed(0)
+    tokens = (-3.0 - torch.rand(2, 4096, generator=g)).float()
+    exact = [math.fsum(row.double().tolist()) for row in tokens]
+    packed = segment_logps(tokens.reshape(1, -1), torch.arange(2).repeat_interleave(4096), 2)
+    for sums in (packed, sequence_logps(tokens)):
+        assert sums.dtype == torch.float64
+        assert max(abs(got - want) for got, want in zip(sums.tolist(), exact, strict=True)) <= 1e-9
+
+
+def _llama4_chunked(tok):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(vocab_size=-(-len(tok) // 8) * 8, hidden_size=32, intermediate_size=64,
+                              intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                              attention_chunk_size=8, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return Llama4ForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_what_packing_changes_is_refused_before_training(tiny_default, tmp_path, check):
+    """Refused when the trainer is built, with the first-step check on or off (so evaluation never runs it either):
+    a chunked-attention model and a PEFT activated LoRA adapter."""
+    from peft import LoraConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
+    dataset = Dataset.from_list(varied_rows(tiny_default["train"], 8))
+    args = EpsilonDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", padding_free=True,
+                            edpo_head_check=check, max_length=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Llama4ForCausalLM on a different objective: .*chunked attention"):
+        model = _llama4_chunked(tok)
+        EpsilonDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+                          processing_class=tok)  # fmt: skip
+    alora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"PEFT activated LoRA"):
+        EpsilonDPOTrainer(model=_tiny_llama(tok), args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=alora)  # fmt: skip
