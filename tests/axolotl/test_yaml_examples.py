@@ -134,6 +134,8 @@ def test_example_validates_with_paper_settings(validated, name):
     assert cfg["dataset_types"] == ["chat_template.argilla_chat"]
     # dpo_padding_free reaches Axolotl's config (its DPO builder passes it on as the training args' padding_free)
     assert bool(cfg["dpo_padding_free"]) == name.endswith(PADDING_FREE)
+    # FlashAttention-2 padding-free shares prompts unless edpo_share_prompt says otherwise: none of the examples does
+    assert cfg.get("edpo_share_prompt") is None
     assert cfg["chat_template"] == "tokenizer_default"
     if variant.startswith("full"):
         assert math.isclose(cfg["learning_rate"], 5e-7)

@@ -28,8 +28,10 @@ def _tiny_llama(tok, attn: str = "sdpa") -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id)  # fmt: skip
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).float()
+    config._attn_implementation = "sdpa" if attn == "flash_attention_2" else attn
+    model = LlamaForCausalLM(config).float()
+    model.config._attn_implementation = attn  # flash_attention_2 without flash_attn on CPU: set, not loaded
+    return model
 
 
 def _tiny_mixtral(tok) -> torch.nn.Module:
@@ -174,6 +176,36 @@ def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkey
     for name, g in grads_pad.items():
         rel = ((grads_pf[name] - g).norm() / g.norm()).item()
         assert rel <= 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def test_flash_attention_model_shares_prompts_and_matches_padded(tiny_default, tmp_path, monkeypatch):
+    """A FlashAttention-2 model (the 7–8B YAMLs' flash_attention: true) runs padding-free as ε-DPO's varlen attention
+    and shares prompts; its step (the varlen kernel replaced by the reference written from FlashAttention's
+    documented semantics) gives the padded SDPA step's streams, loss and gradients."""
+    from edpo_plugin.trainer import packed_attention
+    from tests.varlen_reference import reference_varlen
+
+    monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: reference_varlen)
+    recorder = _Recorder(monkeypatch)
+    trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="flash_attention_2")
+    assert trainer.model.config._attn_implementation == packed_attention.PACKED_FLASH and trainer._share_prompt
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer._head_checked = True
+    loss_pf, streams_pf, out_pf, grads_pf = _run_step(trainer, batch, True, recorder)
+    for m in (trainer.model, trainer.ref_model):
+        m.set_attn_implementation("sdpa")
+    loss_pad, streams_pad, out_pad, grads_pad = _run_step(trainer, batch, False, recorder)
+    completion = batch["completion_mask"][:, 1:].bool()
+    for pad, pf in zip(streams_pad, streams_pf, strict=True):
+        assert (_padded_layout(pf, batch) - pad * completion).abs().max().item() <= 1e-5
+    assert torch.equal(out_pf.decisions, out_pad.decisions)
+    assert abs(loss_pf.item() - loss_pad.item()) <= 1e-6 * abs(loss_pad.item())
+    for name, g in grads_pad.items():
+        assert ((grads_pf[name] - g).norm() / g.norm()).item() <= 1e-5, name
 
 
 def test_moe_router_aux_loss_is_the_padded_one(tiny_default, tmp_path, monkeypatch):
