@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import statistics
 import subprocess
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace, mode: str, dataset) -> dict:
     }
 
 
-def data_ratios(tokenizer, data: Path, seq_len: int) -> dict[str, float]:
+def data_ratios(tokenizer, data: Path, seq_len: int) -> dict:
     """Real over padded tokens of the whole dataset (every pair that fits), in random micro-batches (seed 0) of 2, 4
     and 8 pairs, each padded as TRL's collator pads (its 2B sequences to the longest): a property of the data, and
     the floor of padding-free's backbone tokens over padded; and the same with each pair's common prefix (its prompt,
@@ -133,6 +134,8 @@ def data_ratios(tokenizer, data: Path, seq_len: int) -> dict[str, float]:
         "median_chosen_tokens_after_it": statistics.median(len(c) - n for (c, _), n in zip(sequences, prefixes)),
         "median_rejected_tokens_after_it": statistics.median(len(r) - n for (_, r), n in zip(sequences, prefixes)),
     }
+    # every pair's (common prefix, chosen, rejected) token counts, in the order the micro-batches take them
+    ratios["pair_lengths"] = [[n, len(c), len(r)] for (c, r), n in zip(sequences, prefixes, strict=True)]
     for b in (2, 4, 8):
         starts = range(0, len(sequences) - b + 1, b)
         padded = sum(2 * b * max(lengths[2 * i : 2 * i + 2 * b]) for i in starts)
@@ -162,9 +165,12 @@ def main() -> None:
 
         ratios = data_ratios(AutoTokenizer.from_pretrained(args.model), Path(args.data), args.seq_len)
         for key, value in ratios.items():
-            print(f"{key}: {value:.4g}")
+            if not isinstance(value, list):
+                print(f"{key}: {value:.4g}")
         meta = {"date": date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "seq_len": args.seq_len}
-        Path(args.json).write_text(json.dumps({"meta": meta, "data": ratios}, indent=2) + "\n")
+        text = json.dumps({"meta": meta, "data": ratios}, indent=2)
+        text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # one line per pair
+        Path(args.json).write_text(text + "\n")
         return
 
     if args.one_run:

@@ -19,7 +19,8 @@ times the largest logit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,26 @@ def _completion_starts(input_ids: torch.Tensor, completion_mask: torch.Tensor) -
     """int64 ``[R]``: each row's first completion position (``T`` for a row with none)."""
     has_completion = completion_mask.bool().any(dim=1)
     return completion_mask.long().argmax(dim=1).masked_fill(~has_completion, input_ids.shape[1])
+
+
+@contextlib.contextmanager
+def dropout_off(models: list[torch.nn.Module]) -> Iterator[None]:
+    """Dropout layers, and attention modules with an ``attention_dropout``, out of training mode while the check runs
+    (each module's own flag only). Not ``model.eval()``: that would put every module in inference mode, and some
+    change their weights there (bitsandbytes repacks 4-bit weights for CPU inference)."""
+    flipped = [
+        m
+        for model in models
+        for m in model.modules()
+        if m.training and (isinstance(m, torch.nn.modules.dropout._DropoutNd) or getattr(m, "attention_dropout", 0))
+    ]
+    for m in flipped:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in flipped:
+            m.training = True
 
 
 class OwnForward(NamedTuple):

@@ -32,6 +32,7 @@ from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import (
     check_row,
     compare_with_model,
+    dropout_off,
     merge_own,
     own_forward_logprobs,
 )
@@ -381,15 +382,9 @@ class EpsilonDPOTrainer(DPOTrainer):
             return False
         wrapped = _is_wrapped(model, unwrapped)
         models = [unwrapped] + ([] if self.ref_model is None else [self.accelerator.unwrap_model(self.ref_model)])
-        was_training = [m.training for m in models]
-        for m in models:
-            m.eval()  # dropout off: both sides must compute the same function
-        try:
+        with dropout_off(models):  # both sides must compute the same function
             checks = self._head_check_pairs(model, unwrapped, kwargs, labels, hidden_positions, own_rows, packed,
                                             wrapped)  # fmt: skip
-        finally:
-            for m, training in zip(models, was_training, strict=True):
-                m.train(training)
         for own_forward, got, what in checks:
             worst = compare_with_model(own_forward, got, what, packed=self._padding_free)
             logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, worst)

@@ -241,6 +241,24 @@ def test_first_step_check_passes_on_a_described_model(tiny_default, tmp_path, ca
     assert len(checks) == 2 and "(policy)" in checks[0] and "(reference)" in checks[1], checks
 
 
+def test_first_step_check_runs_without_dropout(tiny_default, tmp_path):
+    """LoRA dropout kept (``disable_dropout=False``; TRL's default zeroes it) on an adapter that is not zero (a
+    resumed run): the check's two forwards must compute the same function, so dropout is off while it runs (only the
+    dropout layers: ``model.eval()`` would let bitsandbytes repack 4-bit weights)."""
+    from peft import LoraConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_default["tokenizer"])
+    data = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(8))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = EpsilonDPOTrainer(model=_llama(tok), args=_args(EpsilonDPOConfig, tmp_path, max_steps=1, epsilon=0.1,
+                                          disable_dropout=False),
+                                train_dataset=data, processing_class=tok, peft_config=lora)  # fmt: skip
+    _perturb(trainer.model, scale=0.5)  # lora_B away from 0: dropout on the adapter's input would change log-probs
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.model.training
+
+
 def test_doubled_bos_is_dropped(tiny_default, tmp_path, caplog):
     """A prompt that already starts with BOS (a template that writes it) is tokenized to [bos, bos, …]: the
     trainer drops the duplicate, so the loss is the one of the same data without the written BOS."""
