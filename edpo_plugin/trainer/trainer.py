@@ -641,10 +641,9 @@ def _common_start(chosen: str | list, rejected: str | list) -> int:
 
 def _head_choice(args: Any, model: torch.nn.Module, device: torch.device) -> str:
     """Which head ``args.edpo_head`` runs, as a phrase: ``'chunked' (edpo_head='auto', float32 on cpu)``. The head
-    input's dtype is the mixed-precision one, else the model's; ``auto`` on CUDA runs the Triton self-check here
-    (cached: the first training step reuses it)."""
+    reads hidden states in the model's dtype (under autocast too, in decoders whose residual stream keeps it);
+    ``auto`` on CUDA runs the Triton self-check here, cached for the first training step."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else dtype
     picked = resolve_impl(args.edpo_head, device, dtype)
     return f"{picked!r} (edpo_head={args.edpo_head!r}, {str(dtype).removeprefix('torch.')} on {device.type})"
 
