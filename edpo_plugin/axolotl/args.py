@@ -35,8 +35,8 @@ class EDPOArgs(BaseModel):
     )
     edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
         default=_DEFAULTS.edpo_head,
-        description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton or "
-        "naive.",
+        description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton "
+        "(CUDA only) or naive.",
     )
     edpo_head_token_chunk: int = Field(
         default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk in the head."
