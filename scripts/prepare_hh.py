@@ -1,4 +1,4 @@
-"""Anthropic HH (harmless-base, test split) → prompt/chosen/rejected rows for Axolotl's ``chat_template.default``.
+"""Anthropic HH (harmless-base, test split) → preference rows for Axolotl's ``chat_template.default`` and for TRL.
 
 python scripts/prepare_hh.py                      # data/hh-rlhf-harmless-base-test.jsonl.gz → .data/hh-harmless/
 python scripts/prepare_hh.py --heldout 200 --out .data/hh-harmless
@@ -11,6 +11,13 @@ list so the model's own ChatML template renders it. Written rows (one JSON objec
      "chosen": "<last assistant turn of the chosen dialogue>",
      "rejected": "<last assistant turn of the rejected dialogue>",
      "id": <index of the pair in the source file>}
+
+``train.trl.jsonl`` and ``heldout.trl.jsonl`` hold the same pairs in TRL's conversational preference format, which
+``EpsilonDPOTrainer`` (and TRL's ``DPOTrainer``) read; TRL does not read ``messages``::
+
+    {"prompt": [{"role": "user", "content": "..."}, ...],
+     "chosen": [{"role": "assistant", "content": "<last assistant turn of the chosen dialogue>"}],
+     "rejected": [{"role": "assistant", "content": "<last assistant turn of the rejected dialogue>"}], "id": ...}
 
 Pairs are dropped (and counted) when the two dialogues do not share the same prompt, when either completion is empty,
 or when both completions are identical (no preference to learn). The held-out split is the last ``--heldout`` kept
@@ -84,6 +91,12 @@ def convert(rows: list[dict], *, source: str = "hh") -> tuple[list[dict], Counte
     return kept, dropped
 
 
+def to_trl(row: dict) -> dict:
+    """A kept row → TRL's conversational preference row (explicit prompt; the completions are assistant turns)."""
+    return {"prompt": row["messages"], "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}], "id": row["id"]}  # fmt: skip
+
+
 def load_source(path: Path = SOURCE) -> list[dict]:
     """Read the gzipped JSONL source; a line that is not a JSON object is an error naming its line number."""
     rows = []
@@ -106,7 +119,8 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def prepare(out: Path, *, heldout: int = 200, train_limit: int | None = None, source: Path = SOURCE) -> dict:
-    """Write ``out/train.jsonl`` and ``out/heldout.jsonl``; returns the paths and counts."""
+    """Write ``out/{train,heldout}.jsonl`` (Axolotl) and ``out/{train,heldout}.trl.jsonl`` (TRL); returns the paths
+    and counts."""
     kept, dropped = convert(load_source(source), source=source.name)
     if not 0 < heldout < len(kept):
         raise ValueError(f"heldout={heldout} must be in (0, {len(kept)})")
@@ -114,10 +128,12 @@ def prepare(out: Path, *, heldout: int = 200, train_limit: int | None = None, so
     if train_limit is not None:
         train = train[:train_limit]
     out = Path(out)
-    write_jsonl(train, out / "train.jsonl")
-    write_jsonl(held, out / "heldout.jsonl")
-    return {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl", "n_train": len(train),
-            "n_heldout": len(held), "dropped": dict(dropped)}  # fmt: skip
+    paths = {}
+    for split, rows in (("train", train), ("heldout", held)):
+        paths[split], paths[f"{split}_trl"] = out / f"{split}.jsonl", out / f"{split}.trl.jsonl"
+        write_jsonl(rows, paths[split])
+        write_jsonl([to_trl(row) for row in rows], paths[f"{split}_trl"])
+    return {**paths, "n_train": len(train), "n_heldout": len(held), "dropped": dict(dropped)}
 
 
 def main() -> None:
@@ -127,8 +143,8 @@ def main() -> None:
     p.add_argument("--source", type=Path, default=SOURCE)
     args = p.parse_args()
     info = prepare(args.out, heldout=args.heldout, source=args.source)
-    print(f"train: {info['n_train']} pairs → {info['train']}")
-    print(f"held-out: {info['n_heldout']} pairs → {info['heldout']}")
+    print(f"train: {info['n_train']} pairs → {info['train']} (Axolotl), {info['train_trl']} (TRL)")
+    print(f"held-out: {info['n_heldout']} pairs → {info['heldout']} (Axolotl), {info['heldout_trl']} (TRL)")
     print(f"dropped: {info['dropped']}")
 
 

@@ -76,20 +76,27 @@ def test_head_snippet_runs_as_written(capsys):
 
 
 def test_plain_trl_snippet_runs_as_written(tiny_default, tmp_path, monkeypatch, capsys):
-    """Executed as written from a directory holding the tiny default as ``.tiny``; β then follows the logged
-    decisions: β ← β / (1 + ε·s̄) once per optimizer step."""
+    """Executed as written from a directory holding the tiny default as ``.tiny``: β moves (it would not if the
+    decisions never left balance, the look of nothing happening), following the logged decisions β ← β / (1 + ε·s̄)
+    once per optimizer step, and the snippet prints each step's β and decisions."""
     snippet = next(b for b in _blocks("python") if "EpsilonDPOTrainer" in b)
     os.symlink(tiny_default["root"], tmp_path / ".tiny")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace: dict = {}
     exec(compile(snippet, "README: plain TRL", "exec"), namespace)
-    trainer = namespace["trainer"]
-    assert trainer.state.global_step == 2
+    trainer, args = namespace["trainer"], namespace["args"]
+    assert trainer.state.global_step == args.max_steps
     steps = [h for h in trainer.state.log_history if "kl/avg_steps" in h]
-    assert len(steps) == 2
-    beta = 0.1
+    assert len(steps) == args.max_steps
+    beta = args.beta
     for h in steps:
-        beta /= 1 + 0.1 * h["kl/avg_steps"]
+        assert h["kl/beta"] == pytest.approx(beta, rel=1e-9)
+        beta /= 1 + args.epsilon * h["kl/avg_steps"]
     assert trainer.beta == pytest.approx(beta, rel=1e-9)
-    assert f"β after 2 steps: {trainer.beta}" in capsys.readouterr().out
+    assert abs(trainer.beta / args.beta - 1) > args.epsilon / 10, "β should visibly move"
+    out = capsys.readouterr().out
+    printed = re.findall(r"^step (\d+): β (\S+)  s̄ (\S+)  \+ε (\S+)  −ε (\S+)$", out, re.M)
+    assert [int(p[0]) for p in printed] == [h["step"] for h in steps]
+    assert [float(p[2]) for p in printed] == pytest.approx([h["kl/avg_steps"] for h in steps], abs=0.005)
+    assert f"β after {args.max_steps} steps: {trainer.beta}" in out

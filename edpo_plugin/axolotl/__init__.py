@@ -7,11 +7,13 @@ QLoRA, DeepSpeed and FSDP then follow Axolotl's normal DPO handling.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
 from edpo_plugin.axolotl.args import CFG_TO_ARGS, TRAINER_CLS
+from edpo_plugin.trainer.console import LIBRARY_LOGGER
 
 __all__ = ["EDPOPlugin", "TRAINER_CLS"]
 
@@ -44,6 +46,7 @@ class EDPOPlugin(BasePlugin):
             set_seed(int(cfg["seed"]))
 
     def register(self, cfg: dict[str, Any]) -> None:
+        show_logs_like_axolotls()
         if cfg.get("rl") != "edpo":
             return
         if cfg.get("trainer_cls") not in (None, TRAINER_CLS):
@@ -57,3 +60,33 @@ class EDPOPlugin(BasePlugin):
         if cfg.get("trainer_cls") == TRAINER_CLS:
             cfg["rl"] = "edpo"
             cfg.pop("trainer_cls")
+
+
+def show_logs_like_axolotls() -> None:
+    """Show ε-DPO's log lines as Axolotl shows its own: INFO and up (``AXOLOTL_LOG_LEVEL``), on its console and log
+    file. Axolotl's logging passes INFO records only from ``axolotl.*`` loggers: its console handlers and every logger
+    created after it configured logging (ours, imported with the plugin) carry a filter that drops the rest below
+    WARNING (``LOG_LEVEL``). Nothing changes when Axolotl's logging is not configured (the plugin used as a library)."""
+    axolotl_logger = logging.getLogger("axolotl")
+    if axolotl_logger.propagate or not axolotl_logger.handlers:
+        return
+    from axolotl.logging_config import AxolotlOrWarnErrorFilter
+
+    handlers = []
+    for handler in axolotl_logger.handlers:
+        if any(isinstance(f, AxolotlOrWarnErrorFilter) for f in handler.filters) and isinstance(
+            handler, logging.StreamHandler
+        ):
+            own = logging.StreamHandler(handler.stream)  # the same console and format, without the filter
+            own.setFormatter(handler.formatter)
+            own.setLevel(handler.level)
+            handler = own
+        handlers.append(handler)
+    library = logging.getLogger(LIBRARY_LOGGER)
+    library.handlers = handlers
+    library.setLevel(axolotl_logger.level)
+    library.propagate = False  # the root's console would drop INFO and print each WARNING a second time
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and (name == LIBRARY_LOGGER or name.startswith(LIBRARY_LOGGER + ".")):
+            for axolotl_filter in [f for f in logger.filters if isinstance(f, AxolotlOrWarnErrorFilter)]:
+                logger.removeFilter(axolotl_filter)

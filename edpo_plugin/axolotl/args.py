@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field, model_validator
 
+from edpo_plugin.ops.dispatch import check_triton_usable
 from edpo_plugin.trainer.config import EpsilonDPOFields
 
 TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
@@ -19,6 +22,9 @@ CFG_TO_ARGS = {
     "edpo_share_prompt": "edpo_share_prompt",
 }
 _DEFAULTS = EpsilonDPOFields()
+# Set by Axolotl commands that load a config but never train: `inference` (which also sets rl to None), `merge-lora`,
+# `preprocess` (often on a machine without the training GPU).
+_NOT_TRAINING = ("inference", "merge_lora", "is_preprocess")
 
 
 class EDPOArgs(BaseModel):
@@ -29,8 +35,8 @@ class EDPOArgs(BaseModel):
     )
     edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
         default=_DEFAULTS.edpo_head,
-        description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton or "
-        "naive.",
+        description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton "
+        "(CUDA only) or naive.",
     )
     edpo_head_token_chunk: int = Field(
         default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk in the head."
@@ -56,10 +62,35 @@ class EDPOArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def check_edpo_fields(cls, data: Any) -> Any:
+        """With the plugin listed: a key that looks like an ε-DPO option but is none (a typo would otherwise train
+        silently at the default) is refused naming the nearest option, and ε-DPO options without ``rl: edpo``
+        (which they would not reach) are refused naming ``rl: edpo``."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        for key in data:
+            if isinstance(key, str) and key not in known:
+                _refuse_near_miss(key)
+        given = [key for key in CFG_TO_ARGS if data.get(key) is not None]
+        if given and data.get("trainer_cls") != TRAINER_CLS and not data.get("inference"):  # it sets rl to None
+            rl = f"rl: {data['rl']}" if data.get("rl") else "no rl (supervised fine-tuning)"
+            raise ValueError(
+                f"{', '.join(given)} {'acts' if len(given) == 1 else 'act'} only with rl: edpo; this config has {rl}, "
+                "which would train without ε-DPO. Set rl: edpo, or remove the edpo_* fields."
+            )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def check_edpo_compatible(cls, data: Any) -> Any:
         """Refuse, at config validation, the DPO options that ε-DPO cannot honour (only for ``rl: edpo`` runs)."""
         if not isinstance(data, dict) or data.get("trainer_cls") != TRAINER_CLS:
             return data
+        if data.get("edpo_head") == "triton" and not any(data.get(k) for k in (*_NOT_TRAINING, "use_ray")):
+            # the machine that validates is the one that trains (not so for a Ray driver: Axolotl skips its GPU
+            # checks there too)
+            check_triton_usable("cuda" if torch.cuda.is_available() else "cpu", "edpo_head: triton")
         beta = data.get("rl_beta")
         trl = data.get("trl") or {}
         if isinstance(trl, dict) and trl.get("beta") is not None:
@@ -93,3 +124,17 @@ class EDPOArgs(BaseModel):
                 "context_parallel_size (tensor_parallel_size and dp_shard_size are supported)."
             )
         return data
+
+
+def _refuse_near_miss(key: str) -> None:
+    """Refuse ``key`` (no field of the config) if it looks like an ε-DPO option: ``edpo…``, within a typo of one, or
+    an ``EpsilonDPOConfig`` name whose YAML name differs (``epsilon``)."""
+    options = list(CFG_TO_ARGS)
+    yaml_name = {arg: name for name, arg in CFG_TO_ARGS.items() if arg != name}.get(key)
+    if yaml_name:
+        raise ValueError(f"{key} is EpsilonDPOConfig's name; in an Axolotl config ε-DPO's option is {yaml_name}.")
+    normalised = key.lower().replace("-", "_")
+    near = difflib.get_close_matches(normalised, options, n=1, cutoff=0.6 if normalised.startswith("edpo") else 0.85)
+    if near or normalised.startswith("edpo"):
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ValueError(f"{key} is not an ε-DPO option: {hint}The ε-DPO options are {', '.join(options)}.")

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from trl import DPOConfig
 
 from edpo_plugin.loss import check_epsilon_beta
 from edpo_plugin.ops import IMPLS
 from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+from edpo_plugin.ops.dispatch import check_triton_usable
 
 
 @dataclass
@@ -103,6 +105,9 @@ def validate_edpo_args(args: Any) -> None:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {args.label_smoothing!r}.")
     if args.edpo_head not in IMPLS:
         raise ValueError(f"edpo_head must be one of {IMPLS}, got {args.edpo_head!r}.")
+    if args.edpo_head == "triton":  # here, not at the first step after the model and data have loaded
+        on_cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+        check_triton_usable("cuda" if on_cuda else "cpu", "edpo_head='triton'")
     if args.edpo_share_prompt and not args.padding_free:
         raise ValueError("edpo_share_prompt=True shares prompts inside packed rows: it needs padding_free=True.")
     for name in ("edpo_head_token_chunk", "edpo_head_vocab_chunk"):

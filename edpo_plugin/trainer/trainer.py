@@ -27,7 +27,7 @@ from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from edpo_plugin.loss import BetaController, edpo_loss
-from edpo_plugin.ops import linear_logprobs
+from edpo_plugin.ops import linear_logprobs, resolve_impl
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import (
     check_row,
@@ -96,6 +96,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         elif is_peft_model(self.model) and "ref" in self.model.peft_config and policy_view.module is not None:
             _refuse_ref_adapter_with_head_wrapper(policy_view)
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
+        if self.is_world_process_zero():
+            logger.info("ε-DPO: log-prob head %s.", _head_choice(self.args, self.model, self.accelerator.device))
         if self._padding_free:
             packed_models = [self.model]  # the policy, PEFT-wrapped or not
             if self.ref_model is not None:
@@ -500,6 +502,8 @@ class EpsilonDPOTrainer(DPOTrainer):
                 with open(state_file) as f:
                     self.beta_controller.load_state_dict(json.load(f))
                 self.beta = self.beta_controller.beta
+                if self.is_world_process_zero():
+                    logger.info("ε-DPO: resuming with β = %r from %s.", self.beta, state_file)
             else:
                 logger.warning(
                     "Checkpoint %s has no %s (not written by ε-DPO): β restarts from beta=%s.",
@@ -581,8 +585,24 @@ def _run_as_forward_of(module: torch.nn.Module, fn: Any) -> Any:
             inner.forward = patched_before
 
 
+# Columns that hold a prompt or a conversation under another name; TRL's DPO reads none of them.
+_PROMPT_ELSEWHERE = ("messages", "conversations", "conversation", "dialogue", "history", "question", "instruction",
+                     "query", "input", "context")  # fmt: skip
+_TRL_FORMATS = (
+    "TRL's DPO takes an explicit prompt, columns 'prompt', 'chosen', 'rejected' all strings or all message lists "
+    "([{'role': 'user', 'content': ...}, ...], the completions holding the assistant turn), or an implicit one: "
+    "'chosen' and 'rejected' each holding the whole conversation, whose common start (the same first messages, or "
+    "characters) TRL takes as the prompt. scripts/prepare_hh.py writes the explicit form as train.trl.jsonl "
+    "(docs/usage.md, Plain TRL)."
+)
+
+
 def _check_preference_columns(dataset: Any, name: str) -> None:
-    """A preference dataset needs ``chosen`` and ``rejected`` (``prompt`` may be implicit in them)."""
+    """A preference dataset needs ``chosen``, ``rejected`` and a prompt: a ``prompt`` column, or the common start of
+    ``chosen`` and ``rejected`` (TRL 1.9–1.16 extract it when there is no ``prompt`` column). Refused, naming the
+    columns and the formats: a missing column; no ``prompt`` column beside one TRL does not read that holds the
+    prompt (``messages``: the pairs would train with no prompt); null values; a row mixing strings and message
+    lists; a prompt empty in every row. A prompt empty in some rows is a warning."""
     datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
     for ds in datasets:
         columns = getattr(ds, "column_names", None)
@@ -591,16 +611,66 @@ def _check_preference_columns(dataset: Any, name: str) -> None:
         missing = [c for c in ("chosen", "rejected") if c not in columns]
         if missing:
             raise ValueError(
-                f"{name} has no {' / '.join(repr(m) for m in missing)} column (columns: {columns}). ε-DPO needs "
-                "preference rows with 'prompt', 'chosen' and 'rejected' (TRL's preference format)."
+                f"{name} has no {' / '.join(repr(m) for m in missing)} column (columns: {columns}). {_TRL_FORMATS}"
             )
-        if hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):  # map-style: columns can be read whole
-            for column in ("chosen", "rejected"):
-                empty = [i for i, value in enumerate(ds[column]) if value is None]
-                if empty:
-                    raise ValueError(
-                        f"{name} rows {empty[:10]} have no {column!r} value (null). Drop or fix these rows."
-                    )
+        unread = [c for c in columns if c in _PROMPT_ELSEWHERE] if "prompt" not in columns else []
+        unread_prompt = (
+            f"{name} has no 'prompt' column (columns: {columns}); TRL's DPO does not read {unread}, so the pairs would "
+            f"train on 'chosen' and 'rejected' with no prompt. Put the prompt in a 'prompt' column. {_TRL_FORMATS}"
+        )
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):  # streamed: rows are not read up front
+            if unread:
+                raise ValueError(unread_prompt)
+            continue
+        fields = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+        values = {column: ds[column] for column in fields}
+        for column in ("chosen", "rejected"):
+            empty = [i for i, value in enumerate(values[column]) if value is None]
+            if empty:
+                raise ValueError(f"{name} rows {empty[:10]} have no {column!r} value (null). Drop or fix these rows.")
+        prompt_sizes = []
+        for i, row in enumerate(zip(*values.values(), strict=True)):
+            kinds = {"messages" if isinstance(v, list) else type(v).__name__ for v in row}
+            if len(kinds) > 1 or not kinds <= {"messages", "str"}:
+                described = ", ".join(f"{c!r} is {type(v).__name__}" for c, v in zip(fields, row, strict=True))
+                raise ValueError(
+                    f"{name} row {i}: {described}; TRL needs them all strings or all message lists. {_TRL_FORMATS}"
+                )
+            prompt_sizes.append(len(row[0]) if "prompt" in values else _common_start(row[0], row[1]))
+        no_prompt = [i for i, size in enumerate(prompt_sizes) if size == 0]
+        conversations_with_prompt = not no_prompt and all(isinstance(v, list) for v in values["chosen"])
+        if unread and not conversations_with_prompt:  # a shared start of two answers is no prompt
+            raise ValueError(unread_prompt)
+        where = "its 'prompt' is empty" if "prompt" in values else "'chosen' and 'rejected' share no start"
+        if no_prompt and len(no_prompt) == len(prompt_sizes):
+            raise ValueError(
+                f"{name} has no prompt: {where} in every row (columns: {columns}), so the pairs would train with no "
+                f"prompt. {_TRL_FORMATS}"
+            )
+        if no_prompt:
+            logger.warning(
+                "ε-DPO: %s rows %s (%d of %d) have no prompt (%s): they train on the completions alone.",
+                name, no_prompt[:10], len(no_prompt), len(prompt_sizes), where,
+            )  # fmt: skip
+
+
+def _common_start(chosen: str | list, rejected: str | list) -> int:
+    """The length (messages or characters) of the start ``chosen`` and ``rejected`` share: TRL's implicit prompt."""
+    size = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        size += 1
+    return size
+
+
+def _head_choice(args: Any, model: torch.nn.Module, device: torch.device) -> str:
+    """Which head ``args.edpo_head`` runs, as a phrase: ``'chunked' (edpo_head='auto', float32 on cpu)``. The head
+    reads hidden states in the model's dtype (under autocast too, in decoders whose residual stream keeps it);
+    ``auto`` on CUDA runs the Triton self-check here, cached for the first training step."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    picked = resolve_impl(args.edpo_head, device, dtype)
+    return f"{picked!r} (edpo_head={args.edpo_head!r}, {str(dtype).removeprefix('torch.')} on {device.type})"
 
 
 def _check_same_transform(policy: HeadView, reference: HeadView) -> None:

@@ -38,6 +38,7 @@ def _run(tiny: dict, example: str, tmp_path: Path, train_file: Path | None = Non
     done = subprocess.run([os.path.join(bin_dir, "axolotl"), "train", str(config)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    (tmp_path / "axolotl.log").write_text(done.stdout + done.stderr)
     return tmp_path / "out"
 
 
@@ -81,6 +82,12 @@ def test_axolotl_train_tiny(tiny_default, tmp_path, example, overrides, weights)
     final = json.loads((out / "edpo_state.json").read_text())
     assert final == pytest.approx({"beta": want[-1], "epsilon": eps}, rel=1e-12)
     assert any(h["kl/avg_steps"] != 0 for h in train), "the tiny run should move β"
+
+    # ε-DPO's INFO lines reach the console as Axolotl's own do (its logging drops other libraries' INFO records)
+    console = (tmp_path / "axolotl.log").read_text()
+    head = "[edpo_plugin.trainer.trainer] ε-DPO: log-prob head 'chunked' (edpo_head='auto', float32 on cpu)."
+    assert console.count(head) == 1, console[-3000:]
+    assert "ε-DPO head check, LlamaForCausalLM (policy)" in console
 
 
 def _betas(out: Path) -> list[float]:

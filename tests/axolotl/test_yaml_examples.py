@@ -37,7 +37,7 @@ ULTRAFEEDBACK_ROW = {
     "rejected": [{"role": "user", "content": "Count up from 7 :"}, {"role": "assistant", "content": "3 1 4"}],
 }
 
-# (name, change to the Llama LoRA example, text the error must contain)
+# (name, change to the Llama LoRA example, None leaving a key out; text the error must contain)
 BAD_CONFIGS = [
     ("epsilon_ge_1", {"edpo_epsilon": 1.0}, "edpo_epsilon"),
     ("epsilon_zero", {"edpo_epsilon": 0.0}, "edpo_epsilon"),
@@ -49,6 +49,24 @@ BAD_CONFIGS = [
     ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size=2 is not supported by rl: edpo"),
     ("no_plugin", {"plugins": None}, "rl"),
     ("share_prompt_padded", {"edpo_share_prompt": True}, "edpo_share_prompt: true shares prompts inside packed rows"),
+    # a typo would train at the default ε; with the plugin listed it is refused, for rl: edpo and for any other rl
+    ("typo", {"edpo_epsion": 0.1}, "edpo_epsion is not an ε-DPO option: did you mean edpo_epsilon?"),
+    ("typo_rl_dpo", {"rl": "dpo", "edpo_epsilon": None, "edpo_head": None, "edpo_epsion": 0.1},
+     "edpo_epsion is not an ε-DPO option: did you mean edpo_epsilon?"),
+    ("typo_dash", {"edpo-head": "naive"}, "did you mean edpo_head?"),
+    ("trainer_name", {"epsilon": 0.1}, "in an Axolotl config ε-DPO's option is edpo_epsilon"),
+    # rl: dpo would train plain DPO, the ε-DPO fields doing nothing
+    ("edpo_fields_rl_dpo", {"rl": "dpo"}, "edpo_epsilon, edpo_head act only with rl: edpo; this config has rl: dpo"),
+    # no CUDA here (the worker says so on any machine) and no TRITON_INTERPRET: it would fail at the first step
+    ("triton_without_cuda", {"edpo_head": "triton"}, "edpo_head: triton needs a CUDA GPU"),
+]  # fmt: skip
+# (name, change to the Llama LoRA example, environment): configs that must validate
+ACCEPTED_CONFIGS = [
+    ("plugin_with_plain_dpo", {"rl": "dpo", "edpo_epsilon": None, "edpo_head": None}, {}),
+    ("triton_under_interpreter", {"edpo_head": "triton"}, {"TRITON_INTERPRET": "1"}),
+    ("triton_merge_lora", {"edpo_head": "triton", "merge_lora": True}, {}),  # `axolotl merge-lora` sets merge_lora
+    ("triton_preprocess", {"edpo_head": "triton", "is_preprocess": True}, {}),  # `axolotl preprocess`
+    ("inference", {"inference": True, "rl": None}, {}),  # `axolotl inference` sets inference, and rl to None
 ]
 
 
@@ -87,12 +105,12 @@ def validated(tiny_default, tmp_path_factory) -> dict:
         config["base_model"] = base_models[arch]
         config["output_dir"] = str(tmp / name)
         jobs.append({"name": name, "kind": "config", "config": config, "world_size": GPUS[_variant(name)]})
-    for bad_name, change, _ in BAD_CONFIGS:
+    for name, change, env in [(n, c, {}) for n, c, _ in BAD_CONFIGS] + ACCEPTED_CONFIGS:
         config = _example("llama3-8b-instruct-edpo-lora")
-        config.update({"base_model": base_models["llama"], "output_dir": str(tmp / bad_name)}, **change)
-        if config["plugins"] is None:
-            del config["plugins"]
-        jobs.append({"name": bad_name, "kind": "config", "config": config, "world_size": 1})
+        config.update({"base_model": base_models["llama"], "output_dir": str(tmp / name)}, **change)
+        for key in [k for k, v in change.items() if v is None]:  # None: the key is left out
+            del config[key]
+        jobs.append({"name": name, "kind": "config", "config": config, "world_size": 1, "env": env})
     jobs.append({
         "name": "transform", "kind": "transform", "config": _example("llama3-8b-instruct-edpo-lora"),
         "row": copy.deepcopy(ULTRAFEEDBACK_ROW), "tokenizer": str(tiny_default["tokenizer"]),
@@ -100,6 +118,7 @@ def validated(tiny_default, tmp_path_factory) -> dict:
     jobs_file, results_file = tmp / "jobs.json", tmp / "results.json"
     jobs_file.write_text(json.dumps(jobs))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("TRITON_INTERPRET", None)  # a user's machine: the jobs that need it set it
     done = subprocess.run(
         [sys.executable, str(WORKER), str(jobs_file), str(results_file)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
@@ -164,6 +183,23 @@ def test_bad_setting_fails_naming_the_field(validated, name, field):
     result = validated[name]
     assert not result["ok"], f"{name} was accepted"
     assert field in result["error"], result["error"]
+
+
+def test_triton_without_cuda_names_the_cpu_choices(validated):
+    error = validated["triton_without_cuda"]["error"]
+    assert all(choice in error for choice in ("'auto'", "'chunked'", "'naive'", "TRITON_INTERPRET=1")), error
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in ACCEPTED_CONFIGS])
+def test_accepted_config_validates(validated, name):
+    """The plugin listed with plain DPO and no ε-DPO field; the Triton head under Triton's CPU interpreter; and the
+    commands that load the config without training here (merge-lora, preprocess, inference)."""
+    result = validated[name]
+    assert result["ok"], result.get("error")
+    if name == "plugin_with_plain_dpo":
+        assert (result["cfg"]["rl"], result["cfg"]["trainer_cls"]) == ("dpo", None)
+    elif name.startswith("triton"):
+        assert (result["cfg"]["trainer_cls"], result["cfg"]["edpo_head"]) == (TRAINER_CLS, "triton")
 
 
 def test_rl_edpo_without_plugin_is_an_enum_error(validated):

@@ -3,8 +3,10 @@
 ``load_cfg`` exports ACCELERATE_*/FSDP_* variables and fills a process-wide PluginManager, so it runs here rather than
 in the pytest process. Usage: ``python axolotl_config_worker.py jobs.json results.json``; ``jobs.json`` is a list of
 
-- ``{"name", "kind": "config", "config": {...}, "world_size": int}``: write the config as YAML, ``load_cfg`` it with the
-  capabilities of a ``world_size``-GPU bf16 machine (this one has no GPU), record chosen fields or the error;
+- ``{"name", "kind": "config", "config": {...}, "world_size": int, "env": {...}}``: write the config as YAML,
+  ``load_cfg`` it with the capabilities of a ``world_size``-GPU bf16 machine (this one has no GPU) and ``env`` added
+  to the environment, record chosen fields or the error; ``torch.cuda.is_available()`` answers False, as here, on any
+  machine (the ε-DPO head's CUDA check);
 - ``{"name", "kind": "transform", "config": {...}, "row": {...}, "tokenizer": path}``: run the config's first dataset
   strategy (Axolotl's DPO ``load``) on one row, record prompt/chosen/rejected.
 """
@@ -48,8 +50,11 @@ def _reset_accelerate() -> None:
     axolotl.utils.distributed.distributed_state = None
 
 
-def validate(config: dict, world_size: int) -> dict:
+def validate(config: dict, world_size: int, env: dict[str, str]) -> dict:
     import axolotl.cli.config as axolotl_config
+    import torch
+
+    torch.cuda.is_available = lambda: False
 
     def capabilities() -> tuple[dict, dict]:
         gpu = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": world_size, "compute_capability": "sm_90"}
@@ -57,6 +62,7 @@ def validate(config: dict, world_size: int) -> dict:
 
     saved_env = dict(os.environ)
     os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ.update(env)
     axolotl_config.gpu_capabilities = capabilities
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
@@ -95,7 +101,7 @@ def main(jobs_file: str, results_file: str) -> None:
     results = {}
     for job in json.loads(Path(jobs_file).read_text()):
         if job["kind"] == "config":
-            results[job["name"]] = validate(job["config"], job["world_size"])
+            results[job["name"]] = validate(job["config"], job["world_size"], job.get("env", {}))
         else:
             results[job["name"]] = transform(job["config"], job["row"], job["tokenizer"])
     Path(results_file).write_text(json.dumps(results, indent=1))
