@@ -89,7 +89,10 @@ def test_packed_attention_is_each_sequences_own_forward(family, attn, share):
     """Every token's log-prob from the packed row equals the model's own forward on its row alone (sdpa or eager as
     the model ran it), whole sequences or a shared prompt run once, windows applying inside each sequence."""
     rows, ids, mask = _pairs()
-    model = MODELS[family](attn)
+    try:
+        model = MODELS[family](attn)
+    except ValueError as err:  # Gemma-2 has no sdpa in transformers 5.24 (its attention soft cap)
+        pytest.skip(str(err).split(". ")[0])
     want = _own_logprobs(model, rows)
     assert use_packed_attention(model) == PACKED_FOR[attn]
     packed = pack_rows(ids, mask, share_prefixes=share)
@@ -126,7 +129,7 @@ def reference_flash(monkeypatch):
     monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: reference_varlen)
 
     def build(family: str):
-        model = MODELS[family]("sdpa")
+        model = MODELS[family]("eager" if family == "gemma2" else "sdpa")
         model.config._attn_implementation = "flash_attention_2"  # no flash_attn on CPU: set, not loaded
         return model
 
