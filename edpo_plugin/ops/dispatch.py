@@ -1,4 +1,13 @@
-"""Which implementation a call runs: the names, ``"auto"``'s choice on CUDA, and whether Triton is there.
+"""Which implementation and plan a call runs: the names, the planner's choice, and whether Triton is there.
+
+- CPU (and every device but CUDA): ``"auto"`` is ``"chunked"`` with :data:`edpo_plugin.ops.plan.CPU_TILES`
+  (what measures best there), recomputing the trainable head's tiles in backward.
+- CUDA: ``"auto"`` is the modelled-fastest plan (:func:`edpo_plugin.ops.plan.best_plan`: fold × token chunk ×
+  vocabulary tile × keeping ``P``) whose workspace fits the budget (``workspace_mb``, default
+  :data:`edpo_plugin.ops.plan.DEFAULT_WORKSPACE_MB`); a Triton plan only once Triton imports and its first-use
+  self-check passed on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it warns once and
+  the planner weighs the PyTorch fold alone). An explicit ``"chunked"`` / ``"triton"`` or explicit tiles fix those
+  choices and the planner picks the rest.
 
 Imports only torch (and the Triton self-check, lazily).
 """
@@ -7,10 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB, HeadPlan, HeadShape, best_plan, cpu_plan, gpu_model
+
 IMPLS = ("auto", "naive", "chunked", "triton")
-# What "auto" runs on CUDA: the argmin of the modelled time in docs/roofline.json (tests/ops/test_roofline.py keeps the
-# two in step; docs/bench_head_gpu.json, once a GPU has measured, takes precedence there).
-AUTO_ON_CUDA = "triton"
 
 
 def triton_available() -> bool:
@@ -21,24 +29,46 @@ def triton_available() -> bool:
     return True
 
 
+def _triton_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    if not triton_available():
+        return False
+    from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
+
+    return triton_passes_self_check(device, dtype)
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Map ``impl`` (one of :data:`IMPLS`) to a concrete implementation for ``dtype`` tensors on ``device``."""
+    """Map ``impl`` (one of :data:`IMPLS`) to the fold ``"auto"`` would run for ``dtype`` tensors on ``device``
+    (on CUDA: the fold of the modelled-best plan at the 8B shape, if its self-check passes)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    if impl == "auto":
-        if device.type != "cuda":
-            return "chunked"
-        choice = auto_cuda_impl()
-        if choice != "triton":
-            return choice
-        if not triton_available():
-            return "chunked"
-        from edpo_plugin.ops.triton_selfcheck import triton_passes_self_check
-
-        return "triton" if triton_passes_self_check(device, dtype) else "chunked"
-    return impl
+    if impl != "auto":
+        return impl
+    if device.type != "cuda":
+        return "chunked"
+    shape = HeadShape(tokens=8192, valid=8192, dim=4096, vocab=128256, dtype=dtype)
+    return choose_plan(shape, device, "auto").impl
 
 
-def auto_cuda_impl() -> str:
-    """The implementation ``"auto"`` prefers on CUDA (:data:`AUTO_ON_CUDA`), before the Triton self-check."""
-    return AUTO_ON_CUDA
+def choose_plan(
+    shape: HeadShape,
+    device: torch.device,
+    impl: str,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    workspace_mb: int | None = None,
+) -> HeadPlan:
+    """The :class:`HeadPlan` for one call (see the module docstring); ``impl`` is ``"auto"``, ``"chunked"`` or
+    ``"triton"``."""
+    if impl not in ("auto", "chunked", "triton"):
+        raise ValueError(f"the fused head's impl must be 'auto', 'chunked' or 'triton', got {impl!r}.")
+    if device.type != "cuda":
+        return cpu_plan(shape, "chunked" if impl == "auto" else impl, token_chunk, vocab_chunk)
+    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16)
+    budget = int(workspace_mb if workspace_mb is not None else DEFAULT_WORKSPACE_MB) * 2**20
+    gpu = gpu_model(device)
+    impls = ("triton", "chunked") if impl == "auto" else (impl,)
+    plan = best_plan(shape, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
+    if impl == "auto" and plan.impl == "triton" and not _triton_usable(device, shape.dtype):
+        plan = best_plan(shape, ("chunked",), gpu, budget, tensor_cores, token_chunk, vocab_chunk)
+    return plan
