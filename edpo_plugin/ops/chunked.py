@@ -74,11 +74,12 @@ def fused_linear_logprobs(
     ignore_index: int,
     *,
     transform: LogitTransform = IDENTITY,
-    request: PlanRequest = PlanRequest(),
+    request: PlanRequest | None = None,
     shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(policy, ref, plus, minus)``, fp32 ``[N]`` each, from ``hidden [N, d]``, ``weight [V, d]`` (this rank's
     rows with ``shard``), ``labels [N]``."""
+    request = PlanRequest() if request is None else request
     for name in ("token_chunk", "vocab_chunk", "workspace_mb"):
         value = getattr(request, name)
         if value is not None and int(value) < 1:
@@ -190,16 +191,18 @@ def _backward(ctx, grad_policy):
     valid_idx = ctx.saved_tensors[0]
     g = grad_policy.index_select(0, valid_idx).float()
     if ctx.head == "frozen":
-        grad_valid = torch.mul(ctx.saved_tensors[1], g.unsqueeze(1),
-                               out=g.new_empty(g.shape[0], ctx.saved_tensors[1].shape[1], dtype=ctx.hidden_dtype))
+        direction = ctx.saved_tensors[1]
+        out = g.new_empty(direction.shape, dtype=ctx.hidden_dtype)
+        grad_valid = torch.mul(direction, g.unsqueeze(1), out=out)
     else:
         _, y, row_max, row_logsum, h, weight, bias, target_p, probs, probs_ref = ctx.saved_tensors
         policy = HeadOperands(h, weight.detach(), None if bias is None else bias.detach())
         plan, transform = ctx.plan, ctx.transform
         _, grad_fold, grad_fold_probs = plan.folds()
         if plan.keep_probs:
-            grad_valid, grad_weight, grad_bias = probs_grads(plan, policy, y, row_max, row_logsum, target_p, probs,
-                                                             probs_ref, g, transform, want, grad_fold_probs)  # fmt: skip
+            grad_valid, grad_weight, grad_bias = probs_grads(
+                plan, policy, y, row_max, row_logsum, target_p, probs, probs_ref, g, transform, want, grad_fold_probs
+            )
         else:
             grad_valid, grad_weight, grad_bias = recompute_grads(plan, policy, y, row_max, row_logsum, g, transform,
                                                                  want, grad_fold)  # fmt: skip

@@ -258,7 +258,7 @@ def _launches_cached(plan: HeadPlan, shape: HeadShape, moved: float, checks: boo
 
 def _launches(plan: HeadPlan, shape: HeadShape, moved: float, checks: bool) -> list[Kernel]:
     L = _Launches(plan, shape)
-    n, m, d, vocab, e = shape.tokens, shape.valid, shape.dim, shape.vocab, shape.elem
+    n, m, d, e = shape.tokens, shape.valid, shape.dim, shape.elem
     lb, tr = shape.label_bytes, shape.transform
     if checks:
         L.phase = "check"
