@@ -22,7 +22,6 @@ Autocast is disabled inside forward and backward.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -31,9 +30,8 @@ from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard, gather_statistics
 from edpo_plugin.ops.engine import (
     HeadOperands,
     Targets,
-    direction_from,
-    gather_targets,
     mix_streams,
+    no_autocast,
     probs_grads,
     recompute_grads,
     sweep_statistics,
@@ -88,13 +86,6 @@ def fused_linear_logprobs(
     return _FusedLinearLogprobs.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings)
 
 
-def no_autocast(device: torch.device):
-    """``torch.autocast(device, enabled=False)`` where autocast exists (not on the meta device)."""
-    if device.type in ("cuda", "cpu", "xpu"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings):
@@ -136,26 +127,26 @@ def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
                       dtype=hidden.dtype, head=head, shared=ref.w is policy.w, bias=bias is not None,
                       ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
     plan = _plan_for(request, shape, hidden.device)
-    fold, grad_fold, grad_fold_probs = plan.folds()
+    kernels = plan.kernels()
 
     owned = None
     if shard is None:
         y_local = y
-        targets = gather_targets(policy, ref, y, transform)
+        targets = kernels.targets(policy, ref, y, transform)
         r_init = targets.policy.clone() if plan.keeps_probs_or_direction else None
     else:  # only the rank that holds a row's target knows its target logit
         y_local = y - shard.start
         owned = ((y_local >= 0) & (y_local < policy.w.shape[0])).nonzero().squeeze(1)
         y_owned = y_local.index_select(0, owned)
-        targets = gather_targets(HeadOperands(policy.h.index_select(0, owned), policy.w, policy.b),
-                                 HeadOperands(ref.h.index_select(0, owned), ref.w, ref.b), y_owned,
-                                 transform)  # fmt: skip
+        targets = kernels.targets(HeadOperands(policy.h.index_select(0, owned), policy.w, policy.b),
+                                  HeadOperands(ref.h.index_select(0, owned), ref.w, ref.b), y_owned,
+                                  transform)  # fmt: skip
         r_init = None
         if plan.keeps_probs_or_direction:
             r_init = torch.full((shape.valid,), float("-inf"), dtype=torch.float32, device=hidden.device)
             r_init.index_copy_(0, owned, targets.policy)
 
-    sweep = sweep_statistics(plan, policy, ref, r_init, epsilon, transform, fold)
+    sweep = sweep_statistics(plan, policy, ref, r_init, epsilon, transform, kernels.fold)
     row_max, row_logsum, target_p, target_r = sweep.row_max, sweep.row_logsum, targets.policy, targets.ref
     if shard is not None:  # collective 1: every rank gets the global statistics
         local = torch.zeros(STAT_ROWS, shape.valid, dtype=torch.float32, device=hidden.device)
@@ -172,7 +163,8 @@ def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
     ctx.n_tokens, ctx.hidden_dtype, ctx.has_bias = n_tokens, hidden.dtype, bias is not None
     ctx.transform, ctx.plan, ctx.shard = transform, plan, shard
     if plan.keeps_direction:
-        direction = direction_from(sweep, row_max[0], row_logsum[0], targets.rows, targets.policy, transform, owned)
+        direction = kernels.finish(sweep, row_max[0], row_logsum[0], policy.w, y_local, target_p, targets, transform,
+                                   owned)  # fmt: skip
         ctx.save_for_backward(valid_idx, direction)
     elif head == "trainable":
         ctx.save_for_backward(valid_idx, y_local, row_max[0].contiguous(), row_logsum[0].contiguous(), policy.h,
@@ -198,14 +190,14 @@ def _backward(ctx, grad_policy):
         _, y, row_max, row_logsum, h, weight, bias, target_p, probs, probs_ref = ctx.saved_tensors
         policy = HeadOperands(h, weight.detach(), None if bias is None else bias.detach())
         plan, transform = ctx.plan, ctx.transform
-        _, grad_fold, grad_fold_probs = plan.folds()
+        kernels = plan.kernels()
         if plan.keep_probs:
-            grad_valid, grad_weight, grad_bias = probs_grads(
-                plan, policy, y, row_max, row_logsum, target_p, probs, probs_ref, g, transform, want, grad_fold_probs
-            )
+            grad_valid, grad_weight, grad_bias = probs_grads(plan, policy, y, row_max, row_logsum, target_p, probs,
+                                                             probs_ref, g, transform, want,
+                                                             kernels.grad_fold_probs)  # fmt: skip
         else:
             grad_valid, grad_weight, grad_bias = recompute_grads(plan, policy, y, row_max, row_logsum, g, transform,
-                                                                 want, grad_fold)  # fmt: skip
+                                                                 want, kernels.grad_fold)  # fmt: skip
         if grad_valid is not None:
             grad_valid = grad_valid.to(ctx.hidden_dtype)
     if not want[0]:
@@ -221,4 +213,4 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-__all__ = ["PlanRequest", "Targets", "fused_linear_logprobs", "no_autocast"]
+__all__ = ["PlanRequest", "Targets", "fused_linear_logprobs"]

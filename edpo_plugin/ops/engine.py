@@ -25,6 +25,7 @@ Imports only torch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -48,6 +49,7 @@ __all__ = [
     "gemm_operand",
     "grad_fold_torch",
     "mix_streams",
+    "no_autocast",
     "probs_grads",
     "product_into",
     "recompute_grads",
@@ -98,6 +100,13 @@ class Sweep(NamedTuple):
 Fold = Callable[..., None]
 # grad_fold(...) -> dL/du [rows, cols] in the GEMM operand dtype
 GradFold = Callable[..., torch.Tensor]
+
+
+def no_autocast(device: torch.device):
+    """``torch.autocast(device, enabled=False)`` where autocast exists (not on the meta device)."""
+    if device.type in ("cuda", "cpu", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def gemm_operand(t: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
@@ -274,25 +283,27 @@ def direction_from(
     sweep: Sweep,
     row_max: torch.Tensor,
     row_logsum: torch.Tensor,
-    target_rows: torch.Tensor | None,
-    target_logit: torch.Tensor | None,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    target_logit: torch.Tensor,
+    targets: Targets,
     transform: LogitTransform,
     owned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The policy's ``d log p / dh = J_y W[y] − Σ_v softmax(z)_v J_v W_v`` as fp32 ``[M, d]``, in place of
     ``sweep.direction``, normalised by the policy statistics ``row_max``, ``row_logsum`` ``[M]`` (a vocabulary
-    shard passes the global ones). ``target_rows [K, d]`` / ``target_logit [K]``: the targets of rows ``owned``
-    (None: every row)."""
+    shard passes the global ones). The target term comes from ``targets`` (its rows ``W[y]`` and logits, for the
+    rows ``owned``; None: every row). ``w``, ``y``, ``target_logit``: what the Triton form reads instead."""
     direction = sweep.direction
     direction.mul_(torch.exp((sweep.ref_max - row_max) - row_logsum).unsqueeze(1))
-    if target_rows is not None and transform.softcap is not None:
-        target_rows.mul_(transform.derivative(target_logit).unsqueeze(1))
+    target_rows = targets.rows
+    if transform.softcap is not None:
+        target_rows.mul_(transform.derivative(targets.policy).unsqueeze(1))
     if owned is None:
         torch.sub(target_rows, direction, out=direction)
     else:
         direction.neg_()
-        if target_rows is not None:
-            direction.index_add_(0, owned, target_rows)
+        direction.index_add_(0, owned, target_rows)
     if transform.softcap is None and transform.scale != 1.0:
         direction.mul_(transform.scale)
     return direction
@@ -404,8 +415,8 @@ def recompute_grads(
         for m0, m1 in plan.token_chunks(n_valid):
             x = x_all[m0:m1]
             u = tile_logits(x, w_tile, u_buf[: m1 - m0, :cols], tc)
-            grad_u = grad_fold(u, b_tile, y[m0:m1], v0, row_max[m0:m1], row_logsum[m0:m1], g[m0:m1], transform,
-                               g_buf[: m1 - m0, :cols])  # fmt: skip
+            out = u if g_buf is u_buf else g_buf[: m1 - m0, :cols]  # fp32 operands: dL/du in place of u
+            grad_u = grad_fold(u, b_tile, y[m0:m1], v0, row_max[m0:m1], row_logsum[m0:m1], g[m0:m1], transform, out)
             if grad_h is not None:
                 (product_into if t == 0 else accumulate_product)(grad_h[m0:m1], grad_u, w_tile, tc)
             if gw_tile is not None:

@@ -29,7 +29,9 @@ import functools
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
@@ -83,12 +85,14 @@ def interpreting() -> bool:
 
 
 def fold_blocks(kind: str, cols: int, interpreted: bool) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of a Triton fold kernel (``kind``: ``"fold"`` or ``"grad_fold"``). On a
-    GPU: the fold 4 rows × 512 columns (a 1024-row chunk gives 256 programs), the gradient folds 32 × 128; under the
-    interpreter, where each program and loop step costs Python time, few large blocks."""
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of a Triton kernel of the head (``kind``: ``"fold"``, ``"grad_fold"``,
+    ``"targets"``, ``"finish"``; ``cols``: the columns it sweeps). On a GPU: the fold 4 rows × 512 columns (a
+    1024-row chunk gives 256 programs), the gradient folds and the direction's finish 32 × 128, the target dot
+    products 16 rows × 256; under the interpreter, where each program and loop step costs Python time, few large
+    blocks."""
     if interpreted:
         return 64, min(4096, 1 << max(0, cols - 1).bit_length()), 4
-    return (4, 512, 4) if kind == "fold" else (32, 128, 4)
+    return {"fold": (4, 512, 4), "targets": (16, 256, 4)}.get(kind, (32, 128, 4))
 
 
 def lazy_tau(p_dtype: torch.dtype, transform: LogitTransform) -> float:
@@ -126,6 +130,17 @@ class HeadShape:
         return torch.empty((), dtype=self.dtype).element_size()
 
 
+class HeadKernels(NamedTuple):
+    """What a plan runs besides the GEMMs: the tile fold, the backward folds (from recomputed logits, from kept
+    ``P``), the target logits before the sweep and the frozen head's direction after it."""
+
+    fold: Callable
+    grad_fold: Callable
+    grad_fold_probs: Callable
+    targets: Callable
+    finish: Callable
+
+
 @dataclass(frozen=True)
 class HeadPlan:
     """What the engine runs for one call (see the module docstring)."""
@@ -158,15 +173,17 @@ class HeadPlan:
     def vocab_tiles(self, vocab: int) -> list[tuple[int, int]]:
         return [(a, min(a + self.vocab_chunk, vocab)) for a in range(0, vocab, self.vocab_chunk)]
 
-    def folds(self):
-        """``(fold, grad_fold, grad_fold_probs)`` of this plan: the Triton kernels or their PyTorch forms."""
+    def kernels(self) -> HeadKernels:
+        """The plan's per-tile and per-call kernels: Triton's or their PyTorch forms."""
         if self.impl == "triton":
-            from edpo_plugin.ops.triton_fold import fold_triton, grad_fold_probs_triton, grad_fold_triton
+            from edpo_plugin.ops import triton_fold as t
 
-            return fold_triton, grad_fold_triton, grad_fold_probs_triton
-        from edpo_plugin.ops.engine import fold_torch, grad_fold_probs_torch, grad_fold_torch
+            return HeadKernels(t.fold_triton, t.grad_fold_triton, t.grad_fold_probs_triton, t.targets_triton,
+                               t.finish_triton)  # fmt: skip
+        from edpo_plugin.ops import engine as e
 
-        return fold_torch, grad_fold_torch, grad_fold_probs_torch
+        return HeadKernels(e.fold_torch, e.grad_fold_torch, e.grad_fold_probs_torch, e.gather_targets,
+                           e.direction_from)  # fmt: skip
 
     def describe(self) -> str:
         keep = ", keeps P" if self.keep_probs else ""
@@ -259,7 +276,7 @@ def _launches_cached(plan: HeadPlan, shape: HeadShape, moved: float, checks: boo
 def _launches(plan: HeadPlan, shape: HeadShape, moved: float, checks: bool) -> list[Kernel]:
     L = _Launches(plan, shape)
     n, m, d, e = shape.tokens, shape.valid, shape.dim, shape.elem
-    lb, tr = shape.label_bytes, shape.transform
+    lb = shape.label_bytes
     if checks:
         L.phase = "check"
         L.op("labels != ignore", n * lb, n)
@@ -278,6 +295,26 @@ def _launches(plan: HeadPlan, shape: HeadShape, moved: float, checks: bool) -> l
     L.op("hidden[valid]", 8 * m + m * d * e, m * d * e, 2)
 
     L.phase = "targets"
+    if plan.impl == "triton":
+        block_m, block_d, _ = fold_blocks("targets", d, plan.interpreted)
+        for side, has_bias in (("policy", shape.bias), ("ref", shape.ref_bias)):
+            L.triton(f"target logits {side} (Triton)", 2 * m * d * e + 8 * m + (m * e if has_bias else 0) + 4 * m)
+    else:
+        _torch_targets(L)
+    if plan.keeps_probs_or_direction:
+        L.op("r = target.clone()", 4 * m, 4 * m)
+
+    _sweep(L, moved)
+    _streams(L)
+    if plan.keeps_direction:
+        _direction(L)
+    _backward(L)
+    return [k for k in L.kernels if k.count > 0]
+
+
+def _torch_targets(L: _Launches) -> None:
+    shape = L.shape
+    m, d, e, tr = shape.valid, shape.dim, shape.elem, shape.transform
     for side in ("policy", "ref") if not shape.shared else ("policy",):
         L.op(f"W[y] {side}", 8 * m + m * d * e, m * d * e)
         L.copy_if(e != 4, f"W[y] {side} .float()", m * d, e, 4)
@@ -290,15 +327,6 @@ def _launches(plan: HeadPlan, shape: HeadShape, moved: float, checks: bool) -> l
             L.copy_if(e != 4, f"b[y] {side} .float()", m, e, 4)
             L.op(f"+ b[y] {side}", 8 * m, 4 * m)
         _transform_ops(L, f"target {side}", m, tr)
-    if plan.keeps_probs_or_direction:
-        L.op("r = target.clone()", 4 * m, 4 * m)
-
-    _sweep(L, moved)
-    _streams(L)
-    if plan.keeps_direction:
-        _direction(L)
-    _backward(L)
-    return [k for k in L.kernels if k.count > 0]
 
 
 def _sweep(L: _Launches, moved: float) -> None:
@@ -313,7 +341,8 @@ def _sweep(L: _Launches, moved: float) -> None:
     chunks, tiles = plan.token_chunks(m), plan.vocab_tiles(vocab)
     for rows, _, n_chunks in _groups(chunks):
         L.times = n_chunks
-        L.copy_if(upcast, "h chunk .float()", 2 * rows * d, e, 4)
+        L.copy_if(upcast, "h chunk .float()", rows * d, e, 4)
+        L.copy_if(upcast, "h ref chunk .float()", rows * d, e, 4)
         for cols, first, n_tiles in _groups(tiles):
             L.times = n_chunks * n_tiles
             L.copy_if(upcast, "W tile .float()", cols * d, e, 4)
@@ -409,6 +438,11 @@ def _direction(L: _Launches) -> None:
     m, d, tr = shape.valid, shape.dim, shape.transform
     md = m * d * 4
     L.phase = "direction"
+    if L.plan.impl == "triton":
+        block_m, block_d, _ = fold_blocks("finish", d, L.plan.interpreted)
+        per_row = 3 * 4 + 8 + (4 if tr.softcap is not None else 0)  # r, max, log Σ, y (and z_y for the slope)
+        L.triton("direction finish (Triton)", 2 * md + m * d * shape.elem + m * -(-d // block_d) * per_row)
+        return
     L.op("r − max", 8 * m, 4 * m)
     L.op("− log Σ", 8 * m, 4 * m)
     L.op("exp", 4 * m, 4 * m)

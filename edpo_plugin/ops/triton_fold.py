@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edpo_plugin.ops.engine import RunningStats
+from edpo_plugin.ops.engine import HeadOperands, RunningStats, Sweep, Targets
 from edpo_plugin.ops.plan import fold_blocks, interpreting, lazy_tau
 from edpo_plugin.ops.transform import LogitTransform
 
@@ -291,3 +291,115 @@ def grad_fold_probs_triton(
         BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return p
+
+
+@triton.jit
+def _target_kernel(
+    h_ptr, h_row_stride, w_ptr, w_row_stride, y_ptr, b_ptr, out_ptr, rows, dim, scale, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < rows
+    y = tl.load(y_ptr + r, mask=rmask, other=0).to(tl.int64)
+    h_off = r.to(tl.int64) * h_row_stride
+    w_off = y * w_row_stride
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, dim, BLOCK_D):
+        k = k0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (k < dim)[None, :]
+        hv = tl.load(h_ptr + h_off[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + w_off[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(hv * wv, 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + y, mask=rmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        acc = acc * scale
+    if HAS_SOFTCAP:
+        acc = _tanh(acc / softcap) * softcap
+    tl.store(out_ptr + r, acc, mask=rmask)
+
+
+def target_logits_triton(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, transform: LogitTransform
+) -> torch.Tensor:
+    """fp32 ``[M]``: ``T(w[y_i] · h_i + b[y_i])``, the rows of ``w`` read in place (no gathered copy), products and
+    sum in fp32."""
+    rows, dim = h.shape
+    out = torch.empty(rows, dtype=torch.float32, device=h.device)
+    if h.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("target_logits_triton needs row-major hidden states and weight.")
+    block_m, block_d, warps = fold_blocks("targets", dim, interpreting() or not h.is_cuda)
+    cap = transform.softcap
+    _target_kernel[(triton.cdiv(rows, block_m),)](
+        h, h.stride(0), w, w.stride(0), y, h if b is None else b, out, rows, dim, float(transform.scale),
+        float(cap or 1.0), HAS_BIAS=b is not None, HAS_SCALE=transform.scale != 1.0, HAS_SOFTCAP=cap is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _finish_kernel(
+    d_ptr, d_row_stride, w_ptr, w_row_stride, y_ptr, vocab, ref_ptr, max_ptr, logsum_ptr, zy_ptr, rows, dim, scale,
+    softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = r < rows
+    mask = rmask[:, None] & (k < dim)[None, :]
+    coef = tl.exp((tl.load(ref_ptr + r, mask=rmask, other=0.0) - tl.load(max_ptr + r, mask=rmask, other=0.0))
+                  - tl.load(logsum_ptr + r, mask=rmask, other=0.0))  # fmt: skip
+    y = tl.load(y_ptr + r, mask=rmask, other=-1)
+    owned = rmask & (y >= 0) & (y < vocab)  # on a vocabulary shard, another rank adds this row's target term
+    if HAS_SOFTCAP:
+        t = tl.load(zy_ptr + r, mask=rmask, other=0.0) / softcap
+        j_y = (1.0 - t * t) * scale
+    else:
+        j_y = tl.full((BLOCK_M,), 1.0, tl.float32)
+    offs = r.to(tl.int64)[:, None] * d_row_stride + k[None, :]
+    dv = tl.load(d_ptr + offs, mask=mask, other=0.0)
+    wv = tl.load(w_ptr + y.to(tl.int64)[:, None] * w_row_stride + k[None, :], mask=owned[:, None] & mask, other=0.0)
+    out = j_y[:, None] * wv.to(tl.float32) - coef[:, None] * dv
+    if not HAS_SOFTCAP and HAS_SCALE:
+        out = out * scale
+    tl.store(d_ptr + offs, out, mask=mask)
+
+
+def direction_finish_triton(
+    direction: torch.Tensor,
+    ref_max: torch.Tensor,
+    row_max: torch.Tensor,
+    row_logsum: torch.Tensor,
+    w: torch.Tensor,
+    y: torch.Tensor,
+    target_logit: torch.Tensor,
+    transform: LogitTransform,
+) -> torch.Tensor:
+    """:func:`edpo_plugin.ops.engine.direction_from` in one pass, in place: ``D ← J_y W[y] − D·exp(r − max − log Σ)``
+    (times the scale without a cap); rows whose target ``y`` lies outside ``[0, V)`` get no target term."""
+    rows, dim = direction.shape
+    block_m, block_d, warps = fold_blocks("finish", dim, interpreting() or not direction.is_cuda)
+    cap = transform.softcap
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_d))
+    _finish_kernel[grid](
+        direction, direction.stride(0), w, w.stride(0), y, w.shape[0], ref_max, row_max, row_logsum, target_logit,
+        rows, dim, float(transform.scale), float(cap or 1.0), HAS_SCALE=transform.scale != 1.0,
+        HAS_SOFTCAP=cap is not None, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return direction
+
+
+def targets_triton(policy: HeadOperands, ref: HeadOperands, y: torch.Tensor, transform: LogitTransform) -> Targets:
+    """:func:`edpo_plugin.ops.engine.gather_targets` by two Triton launches (no gathered rows: the direction's
+    target term is read from ``W`` by :func:`finish_triton`)."""
+    return Targets(target_logits_triton(policy.h, policy.w, policy.b, y, transform),
+                   target_logits_triton(ref.h, ref.w, ref.b, y, transform), None)  # fmt: skip
+
+
+def finish_triton(sweep: Sweep, row_max: torch.Tensor, row_logsum: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+                  target_logit: torch.Tensor, targets: Targets, transform: LogitTransform,
+                  owned: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`edpo_plugin.ops.engine.direction_from` by one Triton launch (``y``: every row's target id in ``w``,
+    outside ``[0, V)`` where another shard holds it; ``target_logit``: every row's policy target logit)."""
+    return direction_finish_triton(sweep.direction, sweep.ref_max, row_max, row_logsum, w, y, target_logit, transform)
