@@ -47,12 +47,16 @@ def edpo_plans(head: str, shape: dict, gpu: P.Gpu) -> dict[str, tuple[P.HeadPlan
     hs = P.HeadShape(tokens=shape["n"], valid=shape["n"], dim=shape["d"], vocab=shape["vocab"], dtype=torch.bfloat16,
                      head=head, shared=head == "frozen")  # fmt: skip
     budget = P.DEFAULT_WORKSPACE_MB * 2**20
-    return {
+    plans = {
         "auto": (P.best_plan(hs, ("triton", "chunked"), gpu, budget), hs),
         "triton": (P.best_plan(hs, ("triton",), gpu, budget), hs),
         "chunked": (P.best_plan(hs, ("chunked",), gpu, budget), hs),
         "triton-1024x4096": (P.HeadPlan("triton", head, 1024, 4096, True, torch.bfloat16), hs),
     }
+    if head == "trainable":  # the best plan that recomputes its tiles (5 matmul-equivalents): a small budget's choice
+        recompute = [p for p in P.candidates(hs, ("triton",), True) if not p.keep_probs]
+        plans["triton-recompute"] = (min(recompute, key=lambda p: P.plan_seconds(P.launches(p, hs), gpu)), hs)
+    return plans
 
 
 # --------------------------------------------------------------------------------------------- TRL as a plan

@@ -92,7 +92,7 @@ def fold_blocks(kind: str, cols: int, interpreted: bool) -> tuple[int, int, int]
     blocks."""
     if interpreted:
         return 64, min(4096, 1 << max(0, cols - 1).bit_length()), 4
-    return {"fold": (4, 512, 4), "targets": (16, 256, 4)}.get(kind, (32, 128, 4))
+    return {"fold": (4, 512, 8), "targets": (16, 256, 4)}.get(kind, (32, 128, 4))
 
 
 def lazy_tau(p_dtype: torch.dtype, transform: LogitTransform) -> float:
