@@ -8,13 +8,17 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
     python scripts/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
     python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # what scripts/gpu_suite.sh runs
+    python scripts/bench_head.py --gpu-suite --dry-run --json /tmp/dry.json       # the suite's code path on CPU
 
-``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256: naive, chunked, triton and auto, TRL's
-``ChunkedLogProbFunction`` as a DPO head (policy with gradient + reference; needs ``trl>=1.16``) and Liger's
-``LigerFusedLinearDPOLoss``, frozen and trainable heads, plus the measured bf16 GEMM rate of this GPU (a
-``[N, d] × [d, 16384]`` matmul) that each row's TFLOP/s is compared with, and the Triton self-check's verdict.
-TFLOP/s counts the useful matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for
-every implementation).
+``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, frozen and trainable heads: the planner's plan (``auto``)
+and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyTorch fold at the planner's tiles
+(``chunked``) — plus, for the trainable head, ``auto`` under a 1 GiB workspace budget (the plan that recomputes
+instead of keeping ``P``), and TRL 1.16's ``ChunkedLogProbFunction`` as a DPO head (policy with gradient +
+reference) when its wheel is installed. Each row records the plan that ran, its modelled time
+(:mod:`edpo_plugin.ops.plan`) with the table's constants and with this GPU's measured GEMM efficiencies
+(``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which a committed
+``docs/bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.plan.calibrated`. TFLOP/s counts useful
+matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for every implementation).
 
 Prints a table and writes JSON (``--json``).
 """
@@ -22,6 +26,7 @@ Prints a table and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -63,7 +68,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
     if args.impl == "trl-chunked":
         from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+        chunk = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE in trl 1.16.0 (not imported: its deps)
 
         def step() -> None:  # what TRL 1.16's DPO computes: the policy's log-probs with grad, the reference's without
             with torch.no_grad():
@@ -80,10 +86,11 @@ def run_one(args: argparse.Namespace) -> dict:
             loss, _ = liger(weight, hidden.view(2, n // 2, d), pairs, None, ref_hidden.view(2, n // 2, d), ref_weight)
             loss.backward()
     else:
+        tiles = {"token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk, "workspace_mb": args.workspace_mb}
 
         def step() -> None:
             out = linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                  epsilon=0.01, impl=args.impl)  # fmt: skip
+                                  epsilon=0.01, impl=args.impl, **tiles)  # fmt: skip
             (out.policy * upstream).sum().backward()
 
     def sync() -> None:
@@ -119,6 +126,7 @@ def run_one(args: argparse.Namespace) -> dict:
     flops = matmuls * 2 * n * d * v
     return {
         "impl": args.impl,
+        "plan": _plan_description(args, device, dtype),
         "head": args.head,
         "peak_extra_bytes": int(peak_extra),
         "time_s": median,
@@ -126,6 +134,114 @@ def run_one(args: argparse.Namespace) -> dict:
         "matmul_equivalents": matmuls,
         "tflops": flops / median / 1e12,
     }
+
+
+def _plan_description(args: argparse.Namespace, device, dtype) -> str | None:
+    """The plan the fused head ran (the planner's choice for this shape), or None for the other heads."""
+    if args.impl not in ("auto", "chunked", "triton"):
+        return None
+    from edpo_plugin.ops.dispatch import choose_plan
+    from edpo_plugin.ops.plan import HeadShape
+
+    shape = HeadShape(tokens=args.tokens, valid=args.tokens, dim=args.dim, vocab=args.vocab, dtype=dtype,
+                      head=args.head, shared=args.head == "frozen")  # fmt: skip
+    return choose_plan(shape, device, args.impl, args.token_chunk, args.vocab_chunk, args.workspace_mb).describe()
+
+
+def _event_seconds(fn, repeats: int = 10) -> float:
+    """Median CUDA-event time of ``fn()`` after three warm-up calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def calibrate(tokens: int, dim: int, vocab: int, device: str) -> dict:
+    """This GPU's GEMM efficiencies at the shapes the plans run (fraction of the model's tensor-core peak) and its
+    streaming-copy fraction of HBM bandwidth: the ``calibration`` block :func:`edpo_plugin.ops.plan.calibrated`
+    reads. On CPU (``--dry-run``) only the code path runs, on small shapes, and nothing is a measurement."""
+    import torch
+
+    from edpo_plugin.ops.plan import gpu_model
+
+    dev = torch.device(device)
+    if dev.type != "cuda":  # dry run: exercise the code on tiny shapes
+        return {"gpu": "dry run (cpu)", "gemm_efficiency": [[1.0, 0.70], [2.0, 0.78]], "gemms": [], "dry_run": True}
+    gpu = gpu_model(dev)
+    bf16, fp32 = torch.bfloat16, torch.float32
+    shapes = [  # (label, m, n, k, output dtype, accumulate)
+        ("one-wave logits [1024 x 4096]·[4096 x 4096], fp32 out", 1024, 4096, 4096, fp32, False),
+        ("plan logits [4096 x 4096]·[4096 x 65536], fp32 out", 4096, 65536, dim, fp32, False),
+        ("plan direction [4096 x 65536]·[65536 x 4096], fp32 accumulate", 4096, dim, 65536, fp32, True),
+        ("TRL logits [4096 x 4096]·[4096 x 32768], bf16 out", 4096, 32768, dim, bf16, False),
+    ]
+    gemms = []
+    for label, m, n, k, out_dtype, accumulate in shapes:
+        a = torch.randn(m, k, device=dev, dtype=bf16)
+        b = torch.randn(k, n, device=dev, dtype=bf16)
+        c = torch.zeros(m, n, device=dev, dtype=out_dtype)
+        if accumulate:
+            fn = lambda a=a, b=b, c=c: torch.addmm(c, a, b, out_dtype=torch.float32, out=c)  # noqa: E731
+        elif out_dtype == fp32:
+            fn = lambda a=a, b=b, c=c: torch.mm(a, b, out_dtype=torch.float32, out=c)  # noqa: E731
+        else:
+            fn = lambda a=a, b=b, c=c: torch.mm(a, b, out=c)  # noqa: E731
+        seconds = _event_seconds(fn)
+        flops = 2 * m * n * k
+        gemms.append({"gemm": label, "flops": flops, "seconds": seconds, "efficiency": flops / seconds / gpu.tc_flops})
+        del a, b, c
+    x = torch.empty(2**28, device=dev, dtype=fp32)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_seconds = _event_seconds(lambda x=x, y=y: y.copy_(x))
+    del x, y
+    torch.cuda.empty_cache()
+    small, big = gemms[0], max(gemms[1:3], key=lambda r: r["flops"])
+    return {"gpu": gpu.name, "device_name": torch.cuda.get_device_name(dev),
+            "gemm_efficiency": [[small["flops"], small["efficiency"]], [big["flops"], big["efficiency"]]],
+            "hbm_efficiency": 2 * 2**30 / copy_seconds / gpu.hbm_bytes, "gemms": gemms}  # fmt: skip
+
+
+def modelled_ms(row: dict, args: argparse.Namespace, calibration: dict | None) -> dict:
+    """The per-kernel model's time for a row's plan on this GPU, from the table and from this GPU's calibration."""
+    import torch
+
+    from edpo_plugin.ops import plan as P
+    from edpo_plugin.ops.dispatch import choose_plan
+
+    dev = torch.device(args.device)
+    gpu = P.gpu_model(dev) if dev.type == "cuda" else P.GPUS["H100"]
+    if row["impl"] == "trl-chunked":
+        from roofline import trl_chunked_dpo
+
+        kernels = trl_chunked_dpo(row["head"], args.tokens, args.dim, args.vocab)
+    elif row["impl"] in ("auto", "chunked", "triton"):
+        shape = P.HeadShape(
+            tokens=args.tokens,
+            valid=args.tokens,
+            dim=args.dim,
+            vocab=args.vocab,
+            dtype=getattr(torch, DTYPES[args.dtype]),
+            head=row["head"],
+            shared=row["head"] == "frozen",
+        )
+        plan = choose_plan(shape, dev, row["impl"], row.get("token_chunk"), row.get("vocab_chunk"),
+                           row.get("workspace_mb"))  # fmt: skip
+        kernels = P.launches(plan, shape)
+    else:
+        return {}
+    out = {"modelled_ms": 1e3 * P.plan_seconds(kernels, gpu)}
+    if calibration and not calibration.get("dry_run"):
+        out["calibrated_ms"] = 1e3 * P.plan_seconds(kernels, gpu, P.calibrated({"calibration": calibration}))
+    return out
 
 
 def bf16_matmul_tflops(tokens: int, dim: int) -> float:
@@ -166,44 +282,71 @@ def main() -> None:
     p.add_argument("--heads", default="frozen,trainable")
     p.add_argument("--liger", action="store_true", help="also time TRL/Liger's LigerFusedLinearDPOLoss")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--gpu-suite", action="store_true", help="the full GPU run of issue 10 (see the docstring)")
+    p.add_argument("--gpu-suite", action="store_true", help="the GPU run of scripts/gpu_suite.sh (see the docstring)")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu-suite: its code path on CPU, tiny shape")
     p.add_argument("--json", default="bench_head.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--head", help=argparse.SUPPRESS)
+    p.add_argument("--token-chunk", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--vocab-chunk", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workspace-mb", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
         print(json.dumps(run_one(args)))
         return
+    # (label, impl, token chunk, vocabulary tile, workspace MiB, heads)
+    variants = [(impl, impl, None, None, None, tuple(args.heads.split(","))) for impl in args.impls.split(",")]
+    if args.liger:
+        variants.append(("liger", "liger", None, None, None, tuple(args.heads.split(","))))
+    calibration = None
     if args.gpu_suite:
         args.device, args.dtype, args.tokens, args.dim, args.vocab = "cuda", "bf16", 8192, 4096, 128256
-        args.impls, args.heads, args.liger = "naive,chunked,triton,auto,trl-chunked", "frozen,trainable", True
         args.repeats = 5
+        if args.dry_run:
+            args.device, args.dtype, args.tokens, args.dim, args.vocab, args.repeats = "cpu", "fp32", 256, 64, 3000, 1
+        both = ("frozen", "trainable")
+        variants = [("auto", "auto", None, None, None, both),
+                    ("triton 1024x4096 (round-1 tiles)", "triton", 1024, 4096, None, both),
+                    ("chunked (PyTorch fold)", "chunked", None, None, None, both),
+                    ("auto, 1 GiB budget", "auto", None, None, 1024, ("trainable",))]  # fmt: skip
+        if importlib.util.find_spec("trl") is not None:
+            variants.append(("trl-chunked", "trl-chunked", None, None, None, both))
+        calibration = calibrate(args.tokens, args.dim, args.vocab, args.device)
     extra = {}
     if args.device.startswith("cuda"):
         extra["bf16_matmul_tflops"] = bf16_matmul_tflops(args.tokens, args.dim)
-        if "triton" in args.impls.split(","):
-            extra["triton_self_check_passed"] = triton_self_check(args.dtype)
+        extra["triton_self_check_passed"] = triton_self_check(args.dtype)
+    if calibration is not None:
+        extra["calibration"] = calibration
 
-    impls = args.impls.split(",") + (["liger"] if args.liger else [])
     rows = []
-    for head in args.heads.split(","):
-        for impl in impls:
+    for head in args.heads.split(",") if not args.gpu_suite else ("frozen", "trainable"):
+        for label, impl, token_chunk, vocab_chunk, workspace_mb, heads in variants:
+            if head not in heads:
+                continue
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--head", head, "--device", args.device,
                    "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim", str(args.dim),
                    "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
+            for flag, value in (("--token-chunk", token_chunk), ("--vocab-chunk", vocab_chunk),
+                                ("--workspace-mb", workspace_mb)):  # fmt: skip
+                if value is not None:
+                    cmd += [flag, str(value)]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            name = impl
             if done.returncode != 0:  # keep going: one failing variant must not lose the others' numbers
                 print(done.stderr[-3000:], file=sys.stderr)
-                rows.append({"impl": name, "head": head, "error": done.stderr[-3000:]})
+                rows.append({"impl": label, "head": head, "error": done.stderr[-3000:]})
                 continue
-            rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "impl": name})
+            row = {**json.loads(done.stdout.strip().splitlines()[-1]), "impl": impl, "label": label,
+                   "token_chunk": token_chunk, "vocab_chunk": vocab_chunk, "workspace_mb": workspace_mb}  # fmt: skip
+            if args.gpu_suite:
+                row.update(modelled_ms(row, args, calibration))
+            rows.append(row)
     failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
 
-    by_key = {(r["head"], r["impl"]): r for r in rows}
+    by_key = {(r["head"], r["label"]): r for r in rows}
     for r in rows:
         base = by_key.get((r["head"], "naive"))
         r["memory_vs_naive"] = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else None
@@ -219,8 +362,9 @@ def main() -> None:
     for r in rows:
         mem_ratio = f"{r['memory_vs_naive']:.3f}" if r["memory_vs_naive"] is not None else "-"
         time_ratio = f"{r['time_vs_naive']:.2f}" if r["time_vs_naive"] is not None else "-"
-        print(f"{r['head']:<10}{r['impl']:<24}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
-              f"{r['time_s']:>9.3f}{time_ratio:>11}{r['tflops']:>9.3f}")  # fmt: skip
+        modelled = f"  modelled {r['modelled_ms']:.1f} ms" if "modelled_ms" in r else ""
+        print(f"{r['head']:<10}{r['label'][:24]:<24}{r['peak_extra_bytes'] / 2**20:>15.1f}{mem_ratio:>10}"
+              f"{r['time_s']:>9.3f}{time_ratio:>11}{r['tflops']:>9.3f}  {r.get('plan') or ''}{modelled}")  # fmt: skip
 
     meta = {
         "date": date.today().isoformat(),

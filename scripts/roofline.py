@@ -238,7 +238,7 @@ def liger_dpo(head: str, n: int, d: int, vocab: int) -> list[P.Kernel] | None:
 # -------------------------------------------------------------------------------------------------------- rows
 
 
-def summarise(kernels: list[P.Kernel], gpu: P.Gpu) -> dict:
+def summarise(kernels: list[P.Kernel], gpu: P.Gpu, calibration: P.Calibration | None = None) -> dict:
     gemms = [k for k in kernels if k.kind == "gemm"]
     eff = [P.gemm_efficiency(k.flops, k.c_read, gpu) for k in gemms if k.tensor_cores]
     phases: dict[str, float] = {}
@@ -254,10 +254,12 @@ def summarise(kernels: list[P.Kernel], gpu: P.Gpu) -> dict:
         "max_gemm_efficiency": round(max(eff), 3) if eff else None,
         "ms_by_phase": {p: round(1e3 * s, 2) for p, s in phases.items()},
         "model": "per-kernel",
-    }
+        **({"calibrated_ms": round(1e3 * P.plan_seconds(kernels, gpu, calibration), 1)}
+           if calibration is not None and calibration.gpu == gpu.name else {}),
+    }  # fmt: skip
 
 
-def rows_for(shape: dict = SHAPE) -> list[dict]:
+def rows_for(shape: dict = SHAPE, calibration: P.Calibration | None = None) -> list[dict]:
     n, d, vocab = shape["n"], shape["d"], shape["vocab"]
     rows = []
     for head in ("frozen", "trainable"):
@@ -266,14 +268,14 @@ def rows_for(shape: dict = SHAPE) -> list[dict]:
             for path, (plan, hs) in edpo_plans(head, shape, gpu).items():
                 rows.append({"gpu": gpu_key, "head": head, "path": path, "plan": plan.describe(),
                              "workspace_gib": round(P.workspace_bytes(plan, hs) / 2**30, 2),
-                             **summarise(P.launches(plan, hs), gpu)})  # fmt: skip
+                             **summarise(P.launches(plan, hs), gpu, calibration)})  # fmt: skip
             rows.append({"gpu": gpu_key, "head": head, "path": "trl-chunked-dpo",
                          "plan": f"trl 1.16 {TRL_TOKEN_CHUNK}×{TRL_VOCAB_CHUNK}",
-                         **summarise(trl_chunked_dpo(head, n, d, vocab), gpu)})  # fmt: skip
+                         **summarise(trl_chunked_dpo(head, n, d, vocab), gpu, calibration)})  # fmt: skip
             for path, kernels in traced.items():
                 if kernels is not None:
                     rows.append({"gpu": gpu_key, "head": head, "path": path, "plan": "traced (eager)",
-                                 **summarise(kernels, gpu)})  # fmt: skip
+                                 **summarise(kernels, gpu, calibration)})  # fmt: skip
     return rows
 
 
@@ -294,11 +296,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
     p.add_argument("--shape", default=None, help="N,d,V instead of the 8B shape (tests use a small one)")
+    p.add_argument("--calibration", default=None, help="a GPU suite's bench_head_gpu.json: add calibrated_ms rows")
     args = p.parse_args()
     shape = dict(SHAPE)
     if args.shape:
         shape.update(zip(("n", "d", "vocab"), (int(x) for x in args.shape.split(","))))
-    rows = rows_for(shape)
+    calibration = None
+    if args.calibration:
+        with open(args.calibration) as f:
+            calibration = P.calibrated(json.load(f)["meta"])
+    rows = rows_for(shape, calibration)
     unit = 2 * shape["n"] * shape["d"] * shape["vocab"] / 1e12
     print(f"modelled (per kernel), N={shape['n']} d={shape['d']} V={shape['vocab']} bf16; "
           f"1 matmul-eq = {unit:.2f} TFLOP")  # fmt: skip
@@ -307,8 +314,9 @@ def main() -> None:
     trl = {(r["gpu"], r["head"]): r["ms"] for r in rows if r["path"] == "trl-chunked-dpo"}
     for r in rows:
         ratio = r["ms"] / trl[(r["gpu"], r["head"])]
+        calibrated = f"  calibrated {r['calibrated_ms']} ms" if "calibrated_ms" in r else ""
         print(f"{r['gpu']:<6}{r['head']:<11}{r['path']:<18}{r['plan']:<30}{r['launches']:>9}{r['tc_tflop']:>9}"
-              f"{r['hbm_gb']:>8}{r['ms']:>8}{ratio:>8.2f}")  # fmt: skip
+              f"{r['hbm_gb']:>8}{r['ms']:>8}{ratio:>8.2f}{calibrated}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": shape, "kind": "modelled", "model": "per-kernel", "constants": constants(),

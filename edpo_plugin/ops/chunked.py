@@ -123,9 +123,10 @@ def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
     want_hidden = ctx.needs_input_grad[0]
     head_trainable = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
     head = "trainable" if head_trainable else ("frozen" if want_hidden else "none")
+    same_dtype = hidden.dtype == ref_hidden.dtype == weight.dtype == ref_weight.dtype
     shape = HeadShape(tokens=n_tokens, valid=int(valid_idx.shape[0]), dim=d, vocab=weight.shape[0],
-                      dtype=hidden.dtype, head=head, shared=ref.w is policy.w, bias=bias is not None,
-                      ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
+                      dtype=hidden.dtype if same_dtype else torch.float32, head=head, shared=ref.w is policy.w,
+                      bias=bias is not None, ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
     plan = _plan_for(request, shape, hidden.device)
     kernels = plan.kernels()
 

@@ -14,9 +14,12 @@ Imports only torch (and the Triton self-check, lazily).
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+
 import torch
 
-from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB, HeadPlan, HeadShape, best_plan, cpu_plan, gpu_model
+from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB, Gpu, HeadPlan, HeadShape, best_plan, cpu_plan, gpu_model
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
@@ -64,11 +67,27 @@ def choose_plan(
         raise ValueError(f"the fused head's impl must be 'auto', 'chunked' or 'triton', got {impl!r}.")
     if device.type != "cuda":
         return cpu_plan(shape, "chunked" if impl == "auto" else impl, token_chunk, vocab_chunk)
-    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16)
     budget = int(workspace_mb if workspace_mb is not None else DEFAULT_WORKSPACE_MB) * 2**20
+    # planning weighs a hundred plans (tens of ms): plan once per bucket of token counts, for the bucket's top
+    bucketed = replace(shape, tokens=_bucket(shape.tokens), valid=_bucket(shape.valid))
     gpu = gpu_model(device)
     impls = ("triton", "chunked") if impl == "auto" else (impl,)
-    plan = best_plan(shape, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
+    plan = _best_plan(bucketed, impls, gpu, budget, token_chunk, vocab_chunk)
     if impl == "auto" and plan.impl == "triton" and not _triton_usable(device, shape.dtype):
-        plan = best_plan(shape, ("chunked",), gpu, budget, tensor_cores, token_chunk, vocab_chunk)
+        plan = _best_plan(bucketed, ("chunked",), gpu, budget, token_chunk, vocab_chunk)
     return plan
+
+
+TOKEN_BUCKET = 512
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`TOKEN_BUCKET` (a plan for the bucket's top fits every ``n`` in it)."""
+    return max(TOKEN_BUCKET, -(-n // TOKEN_BUCKET) * TOKEN_BUCKET)
+
+
+@functools.lru_cache(maxsize=256)
+def _best_plan(shape: HeadShape, impls: tuple[str, ...], gpu: Gpu, budget: int, token_chunk: int | None,
+               vocab_chunk: int | None) -> HeadPlan:  # fmt: skip
+    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16)
+    return best_plan(shape, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)

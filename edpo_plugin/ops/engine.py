@@ -26,6 +26,7 @@ Imports only torch.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -193,9 +194,9 @@ def fold_torch(
     """One tile's fold in PyTorch; updates ``stats`` in place.
 
     ``z``: fp32 ``[4, rows, cols]`` whose planes 0 and 1 hold the policy's and the reference's pre-logits (all four
-    planes are overwritten); ``b_p``, ``b_r``: the tile's biases. With ``p_out`` (``[rows, cols]``): writes
-    ``P = exp(z_θ − r)·J`` with ``r = max(r_in, running policy max)`` stored in ``r_out``, and rescales
-    ``direction`` (if given) from ``r_in`` to ``r``.
+    planes are overwritten); ``b_p``, ``b_r``: the tile's biases. With ``p_out`` (``[rows, cols]``, may be ``z[0]``
+    itself): writes ``P = exp(z_θ − r)·J`` against the new running policy maximum ``r`` (stored in ``r_out``), and
+    rescales ``direction`` (if given) from ``r_in`` to ``r``.
     """
     if b_p is not None:
         z[0].add_(b_p)
@@ -206,20 +207,19 @@ def fold_torch(
     torch.sub(z[0], z[1], out=z[3]).mul_(epsilon)
     torch.add(z[0], z[3], out=z[2])
     torch.sub(z[0], z[3], out=z[3])
-    if p_out is not None:
-        r_new = torch.maximum(r_in, z[0].amax(dim=1))
-        if direction is not None:
-            direction.mul_(torch.exp(r_in - r_new).unsqueeze(1))
-        weights = torch.sub(z[0], r_new.unsqueeze(1), out=p_out if p_out.dtype == z.dtype else None).exp_()
-        if transform.softcap is not None:
-            weights.mul_(transform.derivative(z[0]))
-        if weights is not p_out:
-            p_out.copy_(weights)
-        r_out.copy_(r_new)
+    slope = transform.derivative(z[0]) if p_out is not None and transform.softcap is not None else None
     new_max = torch.maximum(stats.max, z.amax(dim=2))
     z.sub_(new_max.unsqueeze(2)).exp_()
     stats.sum.mul_(torch.exp(stats.max - new_max)).add_(z.sum(dim=2))
     stats.max.copy_(new_max)
+    if p_out is None:
+        return
+    if direction is not None:
+        direction.mul_(torch.exp(r_in - new_max[0]).unsqueeze(1))
+    r_out.copy_(new_max[0])
+    weights = z[0] if slope is None else slope.mul_(z[0])
+    if weights.data_ptr() != p_out.data_ptr() or weights.dtype != p_out.dtype:
+        p_out.copy_(weights)
 
 
 def sweep_statistics(
@@ -251,22 +251,23 @@ def sweep_statistics(
     probs = torch.empty(n_valid, vocab, dtype=p_dtype, device=device) if keep_probs else None
     probs_ref = torch.empty(len(tiles), n_valid, dtype=torch.float32, device=device) if keep_probs else None
     rows0, cols0 = min(plan.token_chunk, n_valid), tiles[0][1] - tiles[0][0] if tiles else 0
-    buf = torch.empty(plan.planes, rows0, cols0, dtype=torch.float32, device=device)
-    p_tile = torch.empty(rows0, cols0, dtype=p_dtype, device=device) if keep_direction else None
+    buf = torch.empty(plan.planes * rows0 * cols0, dtype=torch.float32, device=device)
+    in_place = plan.impl == "chunked" and p_dtype == torch.float32 and transform.softcap is None
+    p_buf = torch.empty(rows0 * cols0, dtype=p_dtype, device=device) if keep_direction and not in_place else None
     for m0, m1 in plan.token_chunks(n_valid):
         rows = m1 - m0
         x, xr = gemm_operand(h[m0:m1], tc), gemm_operand(ref.h[m0:m1], tc)
         stats = RunningStats(row_max[:, m0:m1], row_logsum[:, m0:m1])
         for t, (v0, v1) in enumerate(tiles):
-            z = buf[:, :rows, : v1 - v0]
+            z = _contiguous(buf, plan.planes, rows, v1 - v0)
             w_tile = gemm_operand(w[v0:v1], tc)
             tile_logits(x, w_tile, z[0], tc)
             tile_logits(xr, w_tile if shared else gemm_operand(ref.w[v0:v1], tc), z[1], tc)
             if keep_probs:
                 p_out = probs[m0:m1, v0:v1]
                 r_in, r_out = (r_init if t == 0 else probs_ref[t - 1])[m0:m1], probs_ref[t, m0:m1]
-            elif keep_direction:
-                p_out = p_tile[:rows, : v1 - v0]
+            elif keep_direction:  # the PyTorch fold's fp32 P (no cap) is its exp'ed plane 0 itself
+                p_out = z[0] if p_buf is None else _contiguous(p_buf, rows, v1 - v0)
                 r_in = r_out = r_init[m0:m1]
             else:
                 p_out = r_in = r_out = None
@@ -399,8 +400,8 @@ def recompute_grads(
     one_chunk = plan.token_chunk >= n_valid
     tiles = plan.vocab_tiles(vocab)
     rows0, cols0 = min(plan.token_chunk, n_valid), tiles[0][1] - tiles[0][0] if tiles else 0
-    u_buf = torch.empty(rows0, cols0, dtype=torch.float32, device=h.device)
-    g_buf = torch.empty(rows0, cols0, dtype=x_all.dtype, device=h.device) if x_all.dtype != torch.float32 else u_buf
+    u_buf = torch.empty(rows0 * cols0, dtype=torch.float32, device=h.device)
+    g_buf = torch.empty(rows0 * cols0, dtype=x_all.dtype, device=h.device) if x_all.dtype != torch.float32 else u_buf
     grad_h = torch.empty(n_valid, d, dtype=torch.float32, device=h.device) if want_hidden else None
     grad_w = (torch.empty_like(weight) if n_valid else torch.zeros_like(weight)) if want_weight else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=h.device) if want_bias else None
@@ -414,8 +415,8 @@ def recompute_grads(
             gw_tile = torch.zeros(cols, d, dtype=torch.float32, device=h.device)
         for m0, m1 in plan.token_chunks(n_valid):
             x = x_all[m0:m1]
-            u = tile_logits(x, w_tile, u_buf[: m1 - m0, :cols], tc)
-            out = u if g_buf is u_buf else g_buf[: m1 - m0, :cols]  # fp32 operands: dL/du in place of u
+            u = tile_logits(x, w_tile, _contiguous(u_buf, m1 - m0, cols), tc)
+            out = u if g_buf is u_buf else _contiguous(g_buf, m1 - m0, cols)  # fp32 operands: dL/du in place of u
             grad_u = grad_fold(u, b_tile, y[m0:m1], v0, row_max[m0:m1], row_logsum[m0:m1], g[m0:m1], transform, out)
             if grad_h is not None:
                 (product_into if t == 0 else accumulate_product)(grad_h[m0:m1], grad_u, w_tile, tc)
@@ -470,6 +471,11 @@ def probs_grads(
         if grad_b is not None:
             torch.sum(grad_u, 0, dtype=torch.float32, out=grad_b[v0:v1])
     return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype)
+
+
+def _contiguous(flat: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous ``shape`` view at the start of the flat buffer ``flat`` (ragged tiles stay dense)."""
+    return flat[: math.prod(shape)].view(shape)
 
 
 def _tile(b: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor | None:

@@ -374,20 +374,9 @@ def _torch_fold(L: _Launches, rows: int, cols: int, ep: int, with_d: bool) -> No
     L.op("fold: ·ε", plane, plane)
     L.op("fold: z⁺", 2 * plane, plane)
     L.op("fold: z⁻", 2 * plane, plane)
-    if plan.keeps_probs_or_direction:
-        L.op("fold: tile max", plane, rows * 4)
-        L.op("fold: r_new", 8 * rows, 4 * rows)
-        if with_d:
-            L.op("fold: r−r_new", 8 * rows, 4 * rows)
-            L.op("fold: α", 4 * rows, 4 * rows)
-            L.op("fold: D·α", rows * shape.dim * 4 + 4 * rows, rows * shape.dim * 4)
-        L.op("fold: z−r", plane + 4 * rows, plane)
-        L.op("fold: exp", plane, plane)
-        if tr.softcap is not None:
-            _derivative_ops(L, "fold", rc)
-            L.op("fold: P·J", 2 * plane, plane)
-        L.copy_if(ep != 4, "fold: P .to()", rc, 4, ep)
-        L.op("fold: r ← r_new", 4 * rows, 4 * rows)
+    keeps = plan.keeps_probs_or_direction
+    if keeps and tr.softcap is not None:
+        _derivative_ops(L, "fold", rc)
     L.op("fold: max", 4 * plane, 16 * rows)
     L.op("fold: new max", 32 * rows, 16 * rows)
     L.op("fold: z − max", 4 * plane + 16 * rows, 4 * plane)
@@ -398,6 +387,18 @@ def _torch_fold(L: _Launches, rows: int, cols: int, ep: int, with_d: bool) -> No
     L.op("fold: Σ tile", 4 * plane, 16 * rows)
     L.op("fold: Σ +", 32 * rows, 16 * rows)
     L.op("fold: max ←", 16 * rows, 16 * rows)
+    if not keeps:
+        return
+    if with_d:
+        L.op("fold: r−r_new", 8 * rows, 4 * rows)
+        L.op("fold: α", 4 * rows, 4 * rows)
+        L.op("fold: D·α", rows * shape.dim * 4 + 4 * rows, rows * shape.dim * 4)
+    L.op("fold: r ← r_new", 4 * rows, 4 * rows)
+    if tr.softcap is not None:
+        L.op("fold: P·J", 2 * plane, plane)
+    # P is written where it is kept (or cast to the GEMM dtype); else the direction GEMM reads the exp'ed plane 0
+    if plan.keep_probs or ep != 4 or tr.softcap is not None:
+        L.op("fold: P →", plane, rc * ep)
 
 
 def _triton_fold(L: _Launches, rows: int, cols: int, ep: int, with_d: bool, moved: float) -> None:
