@@ -136,6 +136,13 @@ def run_one(args: argparse.Namespace) -> dict:
     }
 
 
+def _trl_chunked_available() -> bool:
+    try:
+        return importlib.util.find_spec("trl.kernels.chunked_logprob") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _plan_description(args: argparse.Namespace, device, dtype) -> str | None:
     """The plan the fused head ran (the planner's choice for this shape), or None for the other heads."""
     if args.impl not in ("auto", "chunked", "triton"):
@@ -311,7 +318,7 @@ def main() -> None:
                     ("triton 1024x4096 (round-1 tiles)", "triton", 1024, 4096, None, both),
                     ("chunked (PyTorch fold)", "chunked", None, None, None, both),
                     ("auto, 1 GiB budget", "auto", None, None, 1024, ("trainable",))]  # fmt: skip
-        if importlib.util.find_spec("trl") is not None:
+        if _trl_chunked_available():
             variants.append(("trl-chunked", "trl-chunked", None, None, None, both))
         calibration = calibrate(args.tokens, args.dim, args.vocab, args.device)
     extra = {}
