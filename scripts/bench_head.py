@@ -9,6 +9,7 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
     python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # what scripts/gpu_suite.sh runs
     python scripts/bench_head.py --gpu-suite --dry-run --json /tmp/dry.json       # the suite's code path on CPU
+    python scripts/bench_head.py --impls chunked --before /tmp/base --rounds 6 --repeats 4   # A/B two checkouts
 
 ``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, frozen and trainable heads: the planner's plan (``auto``)
 and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyTorch fold at the planner's tiles
@@ -278,6 +279,56 @@ def triton_self_check(dtype: str) -> bool:
     return triton_passes_self_check(torch.device("cuda"), getattr(torch, DTYPES[dtype]))
 
 
+def compare_checkouts(args: argparse.Namespace) -> None:
+    """A/B on one machine in one run: for ``--rounds`` rounds (the order of the two sides alternating), each head and
+    each of ``--impls`` runs once from the ``--before`` checkout and once from this one (``--repeats`` timed steps
+    each, in fresh processes); reports per side the minimum and the median step time and the largest peak extra
+    memory, and the ratios this / before. The minimum is the figure that resists other load on a shared machine."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = {"before": os.path.abspath(args.before), "after": here}
+    runs: dict = {}
+    for rnd in range(args.rounds):
+        order = list(sides.items()) if rnd % 2 == 0 else list(sides.items())[::-1]
+        for side, root in order:
+            for head in args.heads.split(","):
+                for impl in args.impls.split(","):
+                    cmd = [sys.executable, os.path.join(root, "scripts", "bench_head.py"), "--child", "--impl", impl,
+                           "--head", head, "--device", args.device, "--dtype", args.dtype, "--tokens",
+                           str(args.tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--repeats",
+                           str(args.repeats)]  # fmt: skip
+                    env = dict(os.environ, PYTHONPATH=root)
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+                    r = json.loads(done.stdout.strip().splitlines()[-1])
+                    runs.setdefault((head, impl), {}).setdefault(side, []).append(r)
+                    print(f"round {rnd} {side:<6} {head:<9} {impl:<8} "
+                          f"{' '.join(f'{t:.2f}' for t in r['times_s'])} s, {r['peak_extra_bytes'] / 2**20:.1f} MiB",
+                          flush=True)  # fmt: skip
+    rows = []
+    for (head, impl), by_side in runs.items():
+        row = {"head": head, "impl": impl}
+        for side, rs in by_side.items():
+            times = [t for r in rs for t in r["times_s"]]
+            row[side] = {"min_s": min(times), "median_s": statistics.median(times), "times_s": times,
+                         "peak_extra_bytes": max(r["peak_extra_bytes"] for r in rs)}  # fmt: skip
+        for key in ("min_s", "median_s", "peak_extra_bytes"):
+            row[f"{key}_after_over_before"] = row["after"][key] / row["before"][key]
+        rows.append(row)
+    print(f"{'head':<10}{'impl':<9}{'min s before':>13}{'after':>7}{'ratio':>7}{'median ratio':>14}"
+          f"{'peak MiB before':>17}{'after':>8}{'ratio':>7}")  # fmt: skip
+    for r in rows:
+        b, a = r["before"], r["after"]
+        print(f"{r['head']:<10}{r['impl']:<9}{b['min_s']:>13.3f}{a['min_s']:>7.3f}{r['min_s_after_over_before']:>7.3f}"
+              f"{r['median_s_after_over_before']:>14.3f}{b['peak_extra_bytes'] / 2**20:>17.1f}"
+              f"{a['peak_extra_bytes'] / 2**20:>8.1f}{r['peak_extra_bytes_after_over_before']:>7.3f}")  # fmt: skip
+    meta = {"date": date.today().isoformat(), "machine": platform.platform(), "cpu_count": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "shape": {"tokens": args.tokens, "dim": args.dim, "vocab": args.vocab, "dtype": args.dtype},
+            "rounds": args.rounds, "repeats": args.repeats}  # fmt: skip
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -292,6 +343,9 @@ def main() -> None:
     p.add_argument("--gpu-suite", action="store_true", help="the GPU run of scripts/gpu_suite.sh (see the docstring)")
     p.add_argument("--dry-run", action="store_true", help="with --gpu-suite: its code path on CPU, tiny shape")
     p.add_argument("--json", default="bench_head.json")
+    p.add_argument("--before", default=None, help="a checkout of the code before a change: A/B its --impls against "
+                   "this one's, interleaved, --rounds times (see compare_checkouts)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--head", help=argparse.SUPPRESS)
@@ -302,6 +356,9 @@ def main() -> None:
 
     if args.child:
         print(json.dumps(run_one(args)))
+        return
+    if args.before:
+        compare_checkouts(args)
         return
     # (label, impl, token chunk, vocabulary tile, workspace MiB, heads)
     variants = [(impl, impl, None, None, None, tuple(args.heads.split(","))) for impl in args.impls.split(",")]
