@@ -16,9 +16,9 @@ and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyT
 (``chunked``) — plus, for the trainable head, ``auto`` under a 1 GiB workspace budget (the plan that recomputes
 instead of keeping ``P``), and TRL 1.16's ``ChunkedLogProbFunction`` as a DPO head (policy with gradient +
 reference) when its wheel is installed. Each row records the plan that ran, its modelled time
-(:mod:`edpo_plugin.ops.plan`) with the table's constants and with this GPU's measured GEMM efficiencies
+(:mod:`edpo_plugin.ops.cost_model`) with the table's constants and with this GPU's measured GEMM efficiencies
 (``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which a committed
-``docs/bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.plan.calibrated`. TFLOP/s counts useful
+``docs/bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.cost_model.calibrated`. TFLOP/s counts useful
 matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for every implementation).
 
 Prints a table and writes JSON (``--json``).
@@ -175,11 +175,11 @@ def _event_seconds(fn, repeats: int = 10) -> float:
 
 def calibrate(tokens: int, dim: int, vocab: int, device: str) -> dict:
     """This GPU's GEMM efficiencies at the shapes the plans run (fraction of the model's tensor-core peak) and its
-    streaming-copy fraction of HBM bandwidth: the ``calibration`` block :func:`edpo_plugin.ops.plan.calibrated`
+    streaming-copy fraction of HBM bandwidth: the ``calibration`` block :func:`edpo_plugin.ops.cost_model.calibrated`
     reads. On CPU (``--dry-run``) only the code path runs, on small shapes, and nothing is a measurement."""
     import torch
 
-    from edpo_plugin.ops.plan import gpu_model
+    from edpo_plugin.ops.cost_model import gpu_model
 
     dev = torch.device(device)
     if dev.type != "cuda":  # dry run: exercise the code on tiny shapes
@@ -222,11 +222,13 @@ def modelled_ms(row: dict, args: argparse.Namespace, calibration: dict | None) -
     """The per-kernel model's time for a row's plan on this GPU, from the table and from this GPU's calibration."""
     import torch
 
+    from edpo_plugin.ops import cost_model as C
+    from edpo_plugin.ops import launches as L
     from edpo_plugin.ops import plan as P
     from edpo_plugin.ops.dispatch import choose_plan
 
     dev = torch.device(args.device)
-    gpu = P.gpu_model(dev) if dev.type == "cuda" else P.GPUS["H100"]
+    gpu = C.gpu_model(dev) if dev.type == "cuda" else C.GPUS["H100"]
     if row["impl"] == "trl-chunked":
         from roofline import trl_chunked_dpo
 
@@ -243,12 +245,12 @@ def modelled_ms(row: dict, args: argparse.Namespace, calibration: dict | None) -
         )
         plan = choose_plan(shape, dev, row["impl"], row.get("token_chunk"), row.get("vocab_chunk"),
                            row.get("workspace_mb"))  # fmt: skip
-        kernels = P.launches(plan, shape)
+        kernels = L.launches(plan, shape)
     else:
         return {}
-    out = {"modelled_ms": 1e3 * P.plan_seconds(kernels, gpu)}
+    out = {"modelled_ms": 1e3 * C.plan_seconds(kernels, gpu)}
     if calibration and not calibration.get("dry_run"):
-        out["calibrated_ms"] = 1e3 * P.plan_seconds(kernels, gpu, P.calibrated({"calibration": calibration}))
+        out["calibrated_ms"] = 1e3 * C.plan_seconds(kernels, gpu, C.calibrated({"calibration": calibration}))
     return out
 
 

@@ -8,7 +8,7 @@
 # Writes $OUT/gpu_parity.json (every kept path and plan against float64 on the GPU, bit identity when policy ==
 # reference) and $OUT/bench_head_gpu.json (the planner's plan at the 8B shape and two alternatives, frozen and
 # trainable, each with its modelled time; the GEMM efficiencies and HBM fraction this GPU measures: the
-# "calibration" block edpo_plugin.ops.plan.calibrated reads), to be committed as docs/gpu_parity.json and
+# "calibration" block edpo_plugin.ops.cost_model.calibrated reads), to be committed as docs/gpu_parity.json and
 # docs/bench_head_gpu.json. `python scripts/roofline.py --calibration docs/bench_head_gpu.json` then prints the
 # calibrated model. TRL's row needs TRL's trainer utilities to import (accelerate, datasets): where they do not, the
 # row records the import error and the rest goes on.

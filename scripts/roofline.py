@@ -1,10 +1,11 @@
 """Modelled GPU cost of each log-prob head at the 8B shape, kernel by kernel (no GPU): a printer of the plans.
 
-- ε-DPO heads: the planner's own plans (:mod:`edpo_plugin.ops.plan`): ``auto`` (the modelled-fastest plan within the
+- ε-DPO heads: the planner's own plans (:mod:`edpo_plugin.ops.dispatch`): ``auto`` (the modelled-fastest plan within the
   default workspace budget, what ``impl="auto"`` runs on that GPU), the best Triton-fold and PyTorch-fold plans, and
   the round-1 tiles (1024 × 4096, recomputing backward) for reference. Each row is the sum of the plan's own
-  :func:`edpo_plugin.ops.plan.launches` list under :func:`edpo_plugin.ops.plan.kernel_seconds`; nothing is traced and
-  nothing is patched. ``tests/ops/test_plan.py`` checks those lists against what the engine really dispatches.
+  :func:`edpo_plugin.ops.launches.launches` list under :func:`edpo_plugin.ops.cost_model.kernel_seconds`; nothing
+  is traced and nothing is patched. ``tests/ops/test_plan.py`` checks those lists against what the engine really
+  dispatches.
 - TRL 1.16's chunked DPO head (``trl-chunked-dpo``): written below as its own kernel list, from its source
   (``trl/kernels/chunked_logprob.py``, ``trl/trainer/utils.py: add_fused_lm_head`` as ``DPOTrainer`` calls it: the
   policy with ``outputs=("log_probs", "entropy", "mean_logits", "is_top1")`` and gradient, the reference without; a
@@ -12,7 +13,7 @@
 - ``naive`` and Liger's ``LigerFusedLinearDPOLoss`` (when installed; eager, ``compiled=False``): traced on the meta
   device, one kernel per dispatched op.
 
-The model (constants and sources in ``edpo_plugin/ops/plan.py``): per kernel
+The model (constants and sources in ``edpo_plugin/ops/cost_model.py``): per kernel
 ``max(flops / (eff · peak), bytes / (0.85 · bandwidth)) + 4 µs``, ``+ 20 µs`` per host sync; GEMM efficiency by size,
 capped at the GPU's published best-shape rate. **Modelled, not measured.**
 
@@ -29,6 +30,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from edpo_plugin.ops import cost_model as C
+from edpo_plugin.ops import dispatch as D
+from edpo_plugin.ops import launches as L
 from edpo_plugin.ops import plan as P
 
 SHAPE = {"n": 8192, "d": 4096, "vocab": 128256}  # Llama-3-8B: 8192 completion tokens per micro-batch
@@ -43,41 +47,41 @@ TRL_POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # trl/t
 # ------------------------------------------------------------------------------------------------- ε-DPO plans
 
 
-def edpo_plans(head: str, shape: dict, gpu: P.Gpu) -> dict[str, tuple[P.HeadPlan, P.HeadShape]]:
+def edpo_plans(head: str, shape: dict, gpu: C.Gpu) -> dict[str, tuple[P.HeadPlan, P.HeadShape]]:
     hs = P.HeadShape(tokens=shape["n"], valid=shape["n"], dim=shape["d"], vocab=shape["vocab"], dtype=torch.bfloat16,
                      head=head, shared=head == "frozen")  # fmt: skip
     budget = P.DEFAULT_WORKSPACE_MB * 2**20
     plans = {
-        "auto": (P.best_plan(hs, ("triton", "chunked"), gpu, budget), hs),
-        "triton": (P.best_plan(hs, ("triton",), gpu, budget), hs),
-        "chunked": (P.best_plan(hs, ("chunked",), gpu, budget), hs),
+        "auto": (D.best_plan(hs, ("triton", "chunked"), gpu, budget), hs),
+        "triton": (D.best_plan(hs, ("triton",), gpu, budget), hs),
+        "chunked": (D.best_plan(hs, ("chunked",), gpu, budget), hs),
         "triton-1024x4096": (P.HeadPlan("triton", head, 1024, 4096, True, torch.bfloat16), hs),
     }
     if head == "trainable":  # the best plan that recomputes its tiles (5 matmul-equivalents): a small budget's choice
-        recompute = [p for p in P.candidates(hs, ("triton",), True) if not p.keep_probs]
-        plans["triton-recompute"] = (min(recompute, key=lambda p: P.plan_seconds(P.launches(p, hs), gpu)), hs)
+        recompute = [p for p in D.candidates(hs, ("triton",), True) if not p.keep_probs]
+        plans["triton-recompute"] = (min(recompute, key=lambda p: C.plan_seconds(L.launches(p, hs), gpu)), hs)
     return plans
 
 
 # --------------------------------------------------------------------------------------------- TRL as a plan
 
 
-def trl_chunked_dpo(head: str, n: int, d: int, vocab: int, e: int = 2) -> list[P.Kernel]:
+def trl_chunked_dpo(head: str, n: int, d: int, vocab: int, e: int = 2) -> list[C.Kernel]:
     """TRL 1.16's DPO head, kernel by kernel, for ``n`` scored tokens (all valid): the reference call (no grad),
     the policy call, the policy's backward; each call as ``add_fused_lm_head``'s forward runs it on CUDA."""
-    out: list[P.Kernel] = []
+    out: list[C.Kernel] = []
 
     def op(phase, name, read, write, count=1):
-        out.append(P.Kernel(phase, name, "torch", bytes=int(read + write), count=count))
+        out.append(C.Kernel(phase, name, "torch", bytes=int(read + write), count=count))
 
     def gemm(phase, name, m, nn, k, out_bytes, accumulate, count):
         c_read = m * nn * out_bytes if accumulate else 0
-        out.append(P.Kernel(phase, name, "gemm", flops=2 * m * nn * k,
+        out.append(C.Kernel(phase, name, "gemm", flops=2 * m * nn * k,
                             bytes=m * k * e + k * nn * e + m * nn * out_bytes + c_read, c_read=c_read,
                             tensor_cores=True, count=count))  # fmt: skip
 
     def sync(phase, name):
-        out.append(P.Kernel(phase, name, "sync"))
+        out.append(C.Kernel(phase, name, "sync"))
 
     def boolean_index(phase, name, row_bytes):  # x[mask]: nonzero (its size: a sync), then a gather
         op(phase, f"{name}: nonzero", n, 8 * n)
@@ -100,7 +104,7 @@ def trl_chunked_dpo(head: str, n: int, d: int, vocab: int, e: int = 2) -> list[P
         op(phase, "logprobs = target − log_z", 8 * n, 4 * n)
         if "entropy" in outputs:
             op(phase, "entropy", 16 * n, 8 * n, 1)
-            out[-1] = P.Kernel(phase, "entropy", "torch", bytes=12 * n, count=2)
+            out[-1] = C.Kernel(phase, "entropy", "torch", bytes=12 * n, count=2)
         if "mean_logits" in outputs:
             op(phase, "mean_logits", 4 * n, 4 * n)
         if "is_top1" in outputs:
@@ -168,7 +172,7 @@ class Tracer(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernels: list[P.Kernel] = []
+        self.kernels: list[C.Kernel] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -184,22 +188,22 @@ class Tracer(TorchDispatchMode):
             written = _nbytes(kwargs.get("out", out if isinstance(out, torch.Tensor) else None))
             c_read = written if base in ("addmm", "baddbmm") else 0
             tc = a.dtype in (torch.bfloat16, torch.float16)
-            self.kernels.append(P.Kernel("traced", name, "gemm", flops=flops,
+            self.kernels.append(C.Kernel("traced", name, "gemm", flops=flops,
                                          bytes=_nbytes(a) + _nbytes(b) + written + c_read, c_read=c_read,
                                          tensor_cores=tc))  # fmt: skip
         elif name in ("_local_scalar_dense",):
-            self.kernels.append(P.Kernel("traced", name, "sync"))
+            self.kernels.append(C.Kernel("traced", name, "sync"))
         elif name in ("zeros", "full", "zero_", "fill_", "new_zeros", "new_full", "zeros_like", "full_like", "ones",
                       "ones_like", "new_ones"):  # fmt: skip
-            self.kernels.append(P.Kernel("traced", name, "torch", bytes=sum(_nbytes(t) for t in _tensors(out))))
+            self.kernels.append(C.Kernel("traced", name, "torch", bytes=sum(_nbytes(t) for t in _tensors(out))))
         else:
             read = sum(_nbytes(t) for t in _tensors(args)) + sum(_nbytes(t) for t in _tensors(kwargs))
             write = 0 if name.endswith("_") else sum(_nbytes(t) for t in _tensors(out))
-            self.kernels.append(P.Kernel("traced", name, "torch", bytes=read + write))
+            self.kernels.append(C.Kernel("traced", name, "torch", bytes=read + write))
         return out
 
 
-def naive_head(head: str, n: int, d: int, vocab: int) -> list[P.Kernel]:
+def naive_head(head: str, n: int, d: int, vocab: int) -> list[C.Kernel]:
     from edpo_plugin.ops.naive import naive_linear_logprobs
 
     dtype = torch.bfloat16
@@ -214,7 +218,7 @@ def naive_head(head: str, n: int, d: int, vocab: int) -> list[P.Kernel]:
     return tracer.kernels
 
 
-def liger_dpo(head: str, n: int, d: int, vocab: int) -> list[P.Kernel] | None:
+def liger_dpo(head: str, n: int, d: int, vocab: int) -> list[C.Kernel] | None:
     """Liger's ``LigerFusedLinearDPOLoss`` with a reference model (eager): its forward computes the gradients chunk by
     chunk; its backward only scales them."""
     try:
@@ -238,37 +242,37 @@ def liger_dpo(head: str, n: int, d: int, vocab: int) -> list[P.Kernel] | None:
 # -------------------------------------------------------------------------------------------------------- rows
 
 
-def summarise(kernels: list[P.Kernel], gpu: P.Gpu, calibration: P.Calibration | None = None) -> dict:
+def summarise(kernels: list[C.Kernel], gpu: C.Gpu, calibration: C.Calibration | None = None) -> dict:
     gemms = [k for k in kernels if k.kind == "gemm"]
-    eff = [P.gemm_efficiency(k.flops, k.c_read, gpu) for k in gemms if k.tensor_cores]
+    eff = [C.gemm_efficiency(k.flops, k.c_read, gpu) for k in gemms if k.tensor_cores]
     phases: dict[str, float] = {}
     for k in kernels:
-        phases[k.phase] = phases.get(k.phase, 0.0) + P.kernel_seconds(k, gpu)
+        phases[k.phase] = phases.get(k.phase, 0.0) + C.kernel_seconds(k, gpu)
     return {
-        "launches": P.launch_count(kernels),
+        "launches": C.launch_count(kernels),
         "syncs": sum(k.count for k in kernels if k.kind == "sync"),
         "tc_tflop": round(sum(k.flops * k.count for k in gemms if k.tensor_cores) / 1e12, 2),
         "simt_tflop": round(sum(k.flops * k.count for k in gemms if not k.tensor_cores) / 1e12, 2),
         "hbm_gb": round(sum(k.bytes * k.count for k in kernels) / 1e9, 1),
-        "ms": round(1e3 * P.plan_seconds(kernels, gpu), 1),
+        "ms": round(1e3 * C.plan_seconds(kernels, gpu), 1),
         "max_gemm_efficiency": round(max(eff), 3) if eff else None,
         "ms_by_phase": {p: round(1e3 * s, 2) for p, s in phases.items()},
         "model": "per-kernel",
-        **({"calibrated_ms": round(1e3 * P.plan_seconds(kernels, gpu, calibration), 1)}
+        **({"calibrated_ms": round(1e3 * C.plan_seconds(kernels, gpu, calibration), 1)}
            if calibration is not None and calibration.gpu == gpu.name else {}),
     }  # fmt: skip
 
 
-def rows_for(shape: dict = SHAPE, calibration: P.Calibration | None = None) -> list[dict]:
+def rows_for(shape: dict = SHAPE, calibration: C.Calibration | None = None) -> list[dict]:
     n, d, vocab = shape["n"], shape["d"], shape["vocab"]
     rows = []
     for head in ("frozen", "trainable"):
         traced = {"naive": naive_head(head, n, d, vocab), "liger-dpo": liger_dpo(head, n, d, vocab)}
-        for gpu_key, gpu in P.GPUS.items():
+        for gpu_key, gpu in C.GPUS.items():
             for path, (plan, hs) in edpo_plans(head, shape, gpu).items():
                 rows.append({"gpu": gpu_key, "head": head, "path": path, "plan": plan.describe(),
-                             "workspace_gib": round(P.workspace_bytes(plan, hs) / 2**30, 2),
-                             **summarise(P.launches(plan, hs), gpu, calibration)})  # fmt: skip
+                             "workspace_gib": round(L.workspace_bytes(plan, hs) / 2**30, 2),
+                             **summarise(L.launches(plan, hs), gpu, calibration)})  # fmt: skip
             rows.append({"gpu": gpu_key, "head": head, "path": "trl-chunked-dpo",
                          "plan": f"trl 1.16 {TRL_TOKEN_CHUNK}×{TRL_VOCAB_CHUNK}",
                          **summarise(trl_chunked_dpo(head, n, d, vocab), gpu, calibration)})  # fmt: skip
@@ -281,13 +285,13 @@ def rows_for(shape: dict = SHAPE, calibration: P.Calibration | None = None) -> l
 
 def constants() -> dict:
     return {
-        "gpus": {k: vars(g) for k, g in P.GPUS.items()},
-        "hbm_efficiency": P.HBM_EFFICIENCY,
-        "launch_s": P.LAUNCH_S,
-        "sync_s": P.SYNC_S,
-        "gemm_efficiency": [list(p) for p in P.GEMM_EFFICIENCY],
-        "small_gemm_exponent": P.SMALL_GEMM_EXPONENT,
-        "moved_row_fraction": P.MOVED_ROW_FRACTION,
+        "gpus": {k: vars(g) for k, g in C.GPUS.items()},
+        "hbm_efficiency": C.HBM_EFFICIENCY,
+        "launch_s": C.LAUNCH_S,
+        "sync_s": C.SYNC_S,
+        "gemm_efficiency": [list(p) for p in C.GEMM_EFFICIENCY],
+        "small_gemm_exponent": C.SMALL_GEMM_EXPONENT,
+        "moved_row_fraction": C.MOVED_ROW_FRACTION,
         "default_workspace_mb": P.DEFAULT_WORKSPACE_MB,
     }
 
@@ -304,7 +308,7 @@ def main() -> None:
     calibration = None
     if args.calibration:
         with open(args.calibration) as f:
-            calibration = P.calibrated(json.load(f)["meta"])
+            calibration = C.calibrated(json.load(f)["meta"])
     rows = rows_for(shape, calibration)
     unit = 2 * shape["n"] * shape["d"] * shape["vocab"] / 1e12
     print(f"modelled (per kernel), N={shape['n']} d={shape['d']} V={shape['vocab']} bf16; "

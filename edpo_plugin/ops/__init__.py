@@ -9,8 +9,9 @@ per-token log-prob streams. Implementations, chosen by ``impl``:
 - ``"triton"``: the same engine with each tile folded by one Triton kernel (:mod:`edpo_plugin.ops.triton_fold`;
   CUDA, or CPU under ``TRITON_INTERPRET=1``).
 - ``"auto"``: ``"chunked"`` with its CPU tiles off CUDA; on CUDA the plan with the lowest modelled time whose
-  workspace fits ``workspace_mb`` (:mod:`edpo_plugin.ops.plan`, :mod:`edpo_plugin.ops.dispatch`), a Triton plan
-  only once its first-use self-check passed on that device and dtype.
+  workspace fits ``workspace_mb`` (:mod:`edpo_plugin.ops.dispatch`, modelled by
+  :mod:`edpo_plugin.ops.cost_model`), a Triton plan only once its first-use self-check passed on that device and
+  dtype.
 
 Imports only torch (and triton, lazily).
 """

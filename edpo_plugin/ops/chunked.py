@@ -29,7 +29,6 @@ import torch
 from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard, gather_statistics, merge_statistics, reduce_hidden_grad
 from edpo_plugin.ops.engine import (
     HeadOperands,
-    Targets,
     mix_streams,
     no_autocast,
     probs_grads,
@@ -214,4 +213,4 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-__all__ = ["PlanRequest", "Targets", "fused_linear_logprobs"]
+__all__ = ["PlanRequest", "fused_linear_logprobs"]

@@ -2,7 +2,7 @@
 
 - CPU (and every device but CUDA): ``"auto"`` is ``"chunked"`` with :data:`edpo_plugin.ops.plan.CPU_TILES`
   (what measures best there), recomputing the trainable head's tiles in backward.
-- CUDA: ``"auto"`` is the modelled-fastest plan (:func:`edpo_plugin.ops.plan.best_plan`: fold × token chunk ×
+- CUDA: ``"auto"`` is the modelled-fastest plan (:func:`best_plan`: fold × token chunk ×
   vocabulary tile × keeping ``P``) whose workspace fits the budget (``workspace_mb``, default
   :data:`edpo_plugin.ops.plan.DEFAULT_WORKSPACE_MB`); a Triton plan only once Triton imports and its first-use
   self-check passed on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it warns once and
@@ -19,7 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB, Gpu, HeadPlan, HeadShape, best_plan, cpu_plan, gpu_model
+from edpo_plugin.ops.cost_model import Gpu, gpu_model, plan_seconds
+from edpo_plugin.ops.launches import launches, workspace_bytes
+from edpo_plugin.ops.plan import CPU_TILES, DEFAULT_WORKSPACE_MB, TOKEN_CHUNKS, VOCAB_CHUNKS, HeadPlan, HeadShape
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
@@ -91,3 +93,37 @@ def _best_plan(shape: HeadShape, impls: tuple[str, ...], gpu: Gpu, budget: int, 
                vocab_chunk: int | None) -> HeadPlan:  # fmt: skip
     tensor_cores = shape.dtype in (torch.bfloat16, torch.float16)
     return best_plan(shape, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
+
+
+# ------------------------------------------------------------------------------------------------ the planner
+
+
+def cpu_plan(shape: HeadShape, impl: str, token_chunk: int | None, vocab_chunk: int | None) -> HeadPlan:
+    """CPU (and the interpreter): what measures best there, the chunked defaults, recomputing backward."""
+    return HeadPlan(impl=impl, head=shape.head, token_chunk=token_chunk or CPU_TILES[0],
+                    vocab_chunk=vocab_chunk or CPU_TILES[1], tensor_cores=False, p_dtype=torch.float32,
+                    interpreted=impl == "triton")  # fmt: skip
+
+
+def candidates(shape: HeadShape, impls: tuple[str, ...], tensor_cores: bool, token_chunk: int | None = None,
+               vocab_chunk: int | None = None) -> list[HeadPlan]:  # fmt: skip
+    """Every plan the planner weighs on CUDA for ``shape``: the folds ``impls`` × token chunks × vocabulary tiles
+    (or the caller's) × keeping ``P`` or not (trainable head)."""
+    m, vocab = max(shape.valid, 1), shape.vocab
+    chunk_sizes = [token_chunk] if token_chunk else sorted({min(c, m) for c in TOKEN_CHUNKS if c < 2 * m} | {m})
+    tile_sizes = [vocab_chunk] if vocab_chunk else sorted({min(c, vocab) for c in VOCAB_CHUNKS})
+    p_dtype = shape.dtype if tensor_cores else torch.float32
+    keeps = (False, True) if shape.head == "trainable" else (False,)
+    return [HeadPlan(impl, shape.head, tc_, vc, tensor_cores, p_dtype, keep)
+            for impl in impls for tc_ in chunk_sizes for vc in tile_sizes for keep in keeps]  # fmt: skip
+
+
+def best_plan(shape: HeadShape, impls: tuple[str, ...], gpu: Gpu, workspace: int, tensor_cores: bool = True,
+              token_chunk: int | None = None, vocab_chunk: int | None = None) -> HeadPlan:  # fmt: skip
+    """The modelled-fastest plan among :func:`candidates` whose workspace fits ``workspace`` bytes (if none does,
+    the one with the smallest workspace)."""
+    plans = candidates(shape, impls, tensor_cores, token_chunk, vocab_chunk)
+    fitting = [p for p in plans if workspace_bytes(p, shape) <= workspace]
+    if not fitting:
+        return min(plans, key=lambda p: workspace_bytes(p, shape))
+    return min(fitting, key=lambda p: (plan_seconds(launches(p, shape), gpu), workspace_bytes(p, shape)))

@@ -1,7 +1,7 @@
 """The tile engine every fused head runs on: token chunks × vocabulary tiles, GEMMs by the BLAS, one fold per tile.
 
 The loop shape, the GEMM policy and the backward's strategy come from a :class:`edpo_plugin.ops.plan.HeadPlan`
-(:mod:`edpo_plugin.ops.plan` lists the same loops kernel by kernel for the cost model). For a chunk of ``rows``
+(:mod:`edpo_plugin.ops.launches` lists the same loops kernel by kernel for the cost model). For a chunk of ``rows``
 completion tokens and a tile of ``cols`` vocabulary columns:
 
 1. **GEMMs** (:func:`tile_logits`): the policy's and the reference's pre-logits ``H Wᵀ`` as fp32 ``[rows, cols]``,

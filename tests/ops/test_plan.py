@@ -1,5 +1,5 @@
-"""The planner's kernel list (``edpo_plugin.ops.plan.launches``, what the cost model sums) against an independent count
-of what the engine really dispatches: every PyTorch op through a ``TorchDispatchMode`` written here, with its own
+"""The planner's kernel list (``edpo_plugin.ops.launches.launches``, what the cost model sums) against an independent
+count of what the engine really dispatches: every PyTorch op through a ``TorchDispatchMode`` written here, with its own
 byte rules (an op reads its tensor inputs and writes its outputs; indexing ops touch only the rows they index; views
 are free), and every Triton launch with the bytes its loads and stores really touch (counted inside Triton's
 interpreter, mask by mask). Tensor-core plans run on the meta device (CUDA's GEMM policy needs no GPU there); CPU
@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from edpo_plugin.ops import LogitTransform, linear_logprobs, triton_available
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
-from edpo_plugin.ops.plan import HeadPlan, HeadShape, launches
+from edpo_plugin.ops.launches import launches
+from edpo_plugin.ops.plan import HeadPlan, HeadShape
 
 FREE = {
     "view", "_unsafe_view", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "as_strided",
