@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite in one call (issue 23), for a lent GPU with no network; about 5 minutes, under 8 with installs.
+# The GPU suite in one call (issue 23), for a lent GPU with no network; expected about 5 minutes (never run yet).
 #
 #   bash scripts/gpu_suite.sh prepare    # here, once (optional): TRL 1.16's wheel (pure Python) into .gpu-wheels/
 #   bash scripts/gpu_suite.sh            # on the GPU (carry .gpu-wheels if prepared): parity, calibration, timings
