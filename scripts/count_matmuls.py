@@ -40,9 +40,13 @@ class MatmulCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def count(impl: str, head: str, dtype: torch.dtype, n: int = 64, d: int = 32, vocab: int = 2048) -> dict:
-    """Matmul-equivalents of forward + backward of the policy stream for one implementation and head mode."""
-    from edpo_plugin.ops import linear_logprobs
+def count(impl: str, head: str, dtype: torch.dtype, n: int = 64, d: int = 32, vocab: int = 2048,
+          keep_probs: bool = False) -> dict:  # fmt: skip
+    """Matmul-equivalents of forward + backward of the policy stream for one implementation and head mode
+    (``keep_probs``: a trainable head under a plan that keeps P from the forward, as the GPU planner may pick)."""
+    from edpo_plugin.ops import LinearLogprobs, linear_logprobs
+    from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
+    from edpo_plugin.ops.plan import CPU_TILES, HeadPlan
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
@@ -50,13 +54,19 @@ def count(impl: str, head: str, dtype: torch.dtype, n: int = 64, d: int = 32, vo
     ref_weight = weight if head == "frozen" else torch.randn(vocab, d, generator=g).to(dtype)
     labels = torch.randint(0, vocab, (n,), generator=g)
     counter = MatmulCounter()
+    ref_hidden = torch.randn(n, d, generator=g).to(dtype)
     with counter:
-        out = linear_logprobs(hidden, weight, labels, ref_hidden=torch.randn(n, d, generator=g).to(dtype),
-                              ref_weight=ref_weight, epsilon=0.01, impl=impl)  # fmt: skip
+        if keep_probs:
+            plan = HeadPlan(impl, head, *CPU_TILES, False, torch.float32, keep_probs=True, interpreted=impl == "triton")
+            out = LinearLogprobs(*fused_linear_logprobs(hidden, weight, labels, ref_hidden, ref_weight, 0.01, None,
+                                                        None, -100, request=PlanRequest(plan=plan)))  # fmt: skip
+        else:
+            out = linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=0.01,
+                                  impl=impl)  # fmt: skip
         out.policy.sum().backward()
     unit = 2 * n * d * vocab
     return {
-        "impl": impl,
+        "impl": impl + (" (kept P)" if keep_probs else ""),
         "head": head,
         "dtype": str(dtype).replace("torch.", ""),
         "shape": [n, d, vocab],
@@ -75,9 +85,11 @@ def main() -> None:
         for head in ("frozen", "trainable")
         for impl in ("naive", "chunked", "triton")
     ]
-    print(f"{'dtype':<10}{'head':<11}{'impl':<9}{'matmul-eq':>10}  GEMM operands")
+    rows += [count(impl, "trainable", dtype, keep_probs=True) for dtype in (torch.float32, torch.bfloat16)
+             for impl in ("chunked", "triton")]  # fmt: skip
+    print(f"{'dtype':<10}{'head':<11}{'impl':<20}{'matmul-eq':>10}  GEMM operands")
     for r in rows:
-        print(f"{r['dtype']:<10}{r['head']:<11}{r['impl']:<9}{r['total']:>10}  {', '.join(r['gemm_operand_dtypes'])}")
+        print(f"{r['dtype']:<10}{r['head']:<11}{r['impl']:<20}{r['total']:>10}  {', '.join(r['gemm_operand_dtypes'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,11 +1,12 @@
-"""Static facts about the Triton fold kernels of the ε-DPO head, compiled ahead of time for sm_80 and sm_90 (no GPU).
+"""Static facts about the Triton kernels of the ε-DPO head, compiled ahead of time for sm_80 and sm_90 (no GPU).
 
 Each kernel variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` using
-the specialisation the JIT applies at launch on a full tile of the production loop (token chunk 1024 × vocabulary
-tile 4096: pointers, strides and sizes 16-divisible), the launch's own block sizes
-(:func:`edpo_plugin.ops.triton_fold.fold_blocks` and the grad fold's), and reports registers, spill bytes
-(Triton's bundled ``ptxas -v`` on the generated PTX), stack and shared memory (``cuobjdump -res-usage`` on the cubin)
-and the theoretical occupancy (resident warps per SM out of 64). The GEMMs are cuBLAS calls, not Triton kernels.
+the specialisation the JIT applies at launch on a full tile of the plan ``auto`` runs at the 8B shape on an H100
+(docs/roofline.json: token chunk 4096 × vocabulary tile 65536, d = 4096, V = 128256: pointers, strides and sizes
+16-divisible), the launch's own block sizes (:func:`edpo_plugin.ops.plan.fold_blocks`), and reports registers, spill
+bytes (Triton's bundled ``ptxas -v`` on the generated PTX), stack and shared memory (``cuobjdump -res-usage`` on the
+cubin) and the theoretical occupancy (resident warps per SM out of 64). The GEMMs are cuBLAS calls, not Triton
+kernels.
 
     python scripts/kernel_report.py --json docs/kernel_report.json
 
@@ -29,59 +30,161 @@ ARCH = {
     80: {"name": "sm_80 (A100)", "regs": 65536, "smem_block": 163 * 1024, "smem_sm": 164 * 1024, "warps": 64},
     90: {"name": "sm_90 (H100/H200)", "regs": 65536, "smem_block": 227 * 1024, "smem_sm": 228 * 1024, "warps": 64},
 }
-TILE = {"rows": 1024, "cols": 4096}  # DEFAULT_TOKEN_CHUNK × DEFAULT_VOCAB_CHUNK
+TILE = {"rows": 4096, "cols": 65536, "dim": 4096, "vocab": 128256}  # the H100 auto plan's tile at the 8B shape
 
 
 @dataclass
 class Variant:
-    """One compiled form of a kernel: which kernel, the P / gradient dtype, constexpr flags."""
+    """One compiled form of a kernel: which kernel, the GEMM operand dtype (P, dL/du and W are in it), flags."""
 
     label: str
-    kind: str  # "fold" or "grad_fold"
-    dtype: str  # "bf16", "fp16" or "fp32": the GEMM operand dtype (P and dL/du are written in it)
+    kind: str  # "fold", "grad_fold", "grad_probs", "targets" or "finish"
+    dtype: str  # "bf16", "fp16" or "fp32"
     flags: dict = field(default_factory=dict)
+    kept_p: bool = False  # P rows strided by the whole vocabulary (a trainable plan that keeps P)
+
+
+ALL = {"HAS_BIAS": True, "HAS_SCALE": True, "HAS_SOFTCAP": True}
 
 
 def variants() -> list[Variant]:
     out = []
     for dt in ("bf16", "fp16", "fp32"):
         out += [
-            Variant("fold, frozen head (P), soft cap, scale, biases", "fold", dt,
-                    {"HAS_BIAS": True, "HAS_REF_BIAS": True, "HAS_SCALE": True, "HAS_SOFTCAP": True, "WITH_P": True}),
-            Variant("fold, frozen head (P), plain logits", "fold", dt, {"WITH_P": True}),
-            Variant("fold, statistics only (trainable head / eval)", "fold", dt, {}),
-            Variant("grad fold (trainable head backward), soft cap, scale, bias", "grad_fold", dt,
-                    {"HAS_BIAS": True, "HAS_SCALE": True, "HAS_SOFTCAP": True}),
+            Variant("fold, frozen head (P, D), soft cap, scale, biases", "fold", dt,
+                    {**ALL, "HAS_REF_BIAS": True, "WITH_P": True, "WITH_D": True}),
+            Variant("fold, frozen head (P, D), plain logits", "fold", dt, {"WITH_P": True, "WITH_D": True}),
+            Variant("fold, trainable head keeping P, plain logits", "fold", dt, {"WITH_P": True}, kept_p=True),
+            Variant("fold, statistics only (recomputing trainable head / eval)", "fold", dt, {}),
+            Variant("grad fold from recomputed logits, soft cap, scale, bias", "grad_fold", dt, dict(ALL)),
+            Variant("grad fold from kept P, soft cap, scale", "grad_probs", dt,
+                    {"HAS_SCALE": True, "HAS_SOFTCAP": True}, kept_p=True),
+            Variant("grad fold from kept P, scale only", "grad_probs", dt, {"HAS_SCALE": True}, kept_p=True),
+            Variant("target logits, bias, scale, soft cap", "targets", dt, dict(ALL)),
+            Variant("direction finish, soft cap, scale", "finish", dt, {"HAS_SCALE": True, "HAS_SOFTCAP": True}),
         ]  # fmt: skip
     return out
 
 
 def _kernel_and_args(v: Variant) -> tuple[object, dict, dict, int, int]:
     """(kernel, signature, constexprs, num_warps, num_stages) for variant ``v`` on a full production tile."""
-    import torch
-
     from edpo_plugin.ops import triton_fold as tf
+    from edpo_plugin.ops.plan import fold_blocks
 
     t = "*" + v.dtype
-    rows, cols = TILE["rows"], TILE["cols"]
+    rows, cols, dim, vocab = TILE["rows"], TILE["cols"], TILE["dim"], TILE["vocab"]
+    p_stride = vocab if v.kept_p else cols
+    block_m, block_n, warps = fold_blocks(v.kind if v.kind != "grad_probs" else "grad_fold", cols, False)
     if v.kind == "fold":
-        block_m, block_n, warps = tf.fold_blocks(cols, torch.device("cuda"))
         kernel = tf._fold_kernel
-        args = {"z_ptr": "*fp32", "plane_stride": ("i32", rows * cols), "row_stride": ("i32", cols), "bp_ptr": t,
-                "br_ptr": t, "max_ptr": "*fp32", "sum_ptr": "*fp32", "stat_stride": ("i32", rows), "p_ptr": t,
-                "p_row_stride": ("i32", cols), "alpha_ptr": "*fp32", "rows": ("i32", rows), "cols": ("i32", cols),
-                "epsilon": "fp32", "scale": "fp32", "softcap": "fp32"}  # fmt: skip
-        const = {"HAS_BIAS": False, "HAS_REF_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False,
-                 "WITH_P": False, "BLOCK_M": block_m, "BLOCK_N": block_n}  # fmt: skip
-    else:
-        block_m, block_n, warps = 32, 128, 4
+        args = {
+            "z_ptr": "*fp32",
+            "plane_stride": ("i32", rows * cols),
+            "row_stride": ("i32", cols),
+            "bp_ptr": t,
+            "br_ptr": t,
+            "max_ptr": "*fp32",
+            "sum_ptr": "*fp32",
+            "stat_stride": ("i32", 8192),
+            "r_in_ptr": "*fp32",
+            "r_out_ptr": "*fp32",
+            "p_ptr": t,
+            "p_row_stride": ("i32", p_stride),
+            "d_ptr": "*fp32",
+            "d_row_stride": ("i32", dim),
+            "dim": ("i32", dim),
+            "rows": ("i32", rows),
+            "cols": ("i32", cols),
+            "epsilon": "fp32",
+            "scale": "fp32",
+            "softcap": "fp32",
+            "tau": "fp32",
+        }
+        const = {
+            "HAS_BIAS": False,
+            "HAS_REF_BIAS": False,
+            "HAS_SCALE": False,
+            "HAS_SOFTCAP": False,
+            "WITH_P": False,
+            "WITH_D": False,
+        }
+    elif v.kind == "grad_fold":
         kernel = tf._grad_fold_kernel
-        args = {"u_ptr": "*fp32", "u_row_stride": ("i32", cols), "b_ptr": t, "y_ptr": "*i64", "max_ptr": "*fp32",
-                "logsum_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": t, "out_row_stride": ("i32", cols),
-                "rows": ("i32", rows), "cols": ("i32", cols), "scale": "fp32", "softcap": "fp32"}  # fmt: skip
-        const = {"HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False, "BLOCK_M": block_m,
-                 "BLOCK_N": block_n}  # fmt: skip
+        args = {
+            "u_ptr": "*fp32",
+            "u_row_stride": ("i32", cols),
+            "b_ptr": t,
+            "y_ptr": "*i64",
+            "v0": ("i32", cols),
+            "max_ptr": "*fp32",
+            "logsum_ptr": "*fp32",
+            "g_ptr": "*fp32",
+            "out_ptr": t,
+            "out_row_stride": ("i32", cols),
+            "rows": ("i32", rows),
+            "cols": ("i32", cols),
+            "scale": "fp32",
+            "softcap": "fp32",
+        }
+        const = {"HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False}
+    elif v.kind == "grad_probs":
+        kernel = tf._grad_probs_kernel
+        args = {
+            "p_ptr": t,
+            "p_row_stride": ("i32", p_stride),
+            "pref_ptr": "*fp32",
+            "y_ptr": "*i64",
+            "v0": ("i32", cols),
+            "max_ptr": "*fp32",
+            "logsum_ptr": "*fp32",
+            "zy_ptr": "*fp32",
+            "g_ptr": "*fp32",
+            "rows": ("i32", 8192),
+            "cols": ("i32", cols),
+            "scale": "fp32",
+            "softcap": "fp32",
+        }
+        const = {"HAS_SCALE": False, "HAS_SOFTCAP": False}
+    elif v.kind == "targets":
+        block_m, block_n, warps = fold_blocks("targets", dim, False)
+        kernel = tf._target_kernel
+        args = {
+            "h_ptr": t,
+            "h_row_stride": ("i32", dim),
+            "w_ptr": t,
+            "w_row_stride": ("i32", dim),
+            "y_ptr": "*i64",
+            "b_ptr": t,
+            "out_ptr": "*fp32",
+            "rows": ("i32", 8192),
+            "dim": ("i32", dim),
+            "scale": "fp32",
+            "softcap": "fp32",
+        }
+        const = {"HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False}
+    else:
+        block_m, block_n, warps = fold_blocks("finish", dim, False)
+        kernel = tf._finish_kernel
+        args = {
+            "d_ptr": "*fp32",
+            "d_row_stride": ("i32", dim),
+            "w_ptr": t,
+            "w_row_stride": ("i32", dim),
+            "y_ptr": "*i64",
+            "vocab": ("i32", vocab),
+            "ref_ptr": "*fp32",
+            "max_ptr": "*fp32",
+            "logsum_ptr": "*fp32",
+            "zy_ptr": "*fp32",
+            "rows": ("i32", 8192),
+            "dim": ("i32", dim),
+            "scale": "fp32",
+            "softcap": "fp32",
+        }
+        const = {"HAS_SCALE": False, "HAS_SOFTCAP": False}
     const.update(v.flags)
+    block_names = ("BLOCK_M", "BLOCK_D") if v.kind in ("targets", "finish") else ("BLOCK_M", "BLOCK_N")
+    const.update(dict(zip(block_names, (block_m, block_n))))
     return kernel, args, const, warps, 3
 
 
@@ -115,7 +218,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
     """Compile ``v`` for ``sm_{arch}`` and return its resource facts (see module docstring)."""
     kernel, args, const, warps, stages = _kernel_and_args(v)
     row = compile_kernel(kernel, args, const, arch, warps, stages)
-    row.update(variant=v.label, dtype=v.dtype, block_m=const["BLOCK_M"], block_n=const["BLOCK_N"])
+    row.update(variant=v.label, dtype=v.dtype, block_m=const["BLOCK_M"],
+               block_n=const.get("BLOCK_N", const.get("BLOCK_D")))  # fmt: skip
     return row
 
 

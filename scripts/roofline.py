@@ -1,20 +1,21 @@
-"""Modelled GPU cost of each log-prob head at the 8B shape: tensor-core and fp32 FLOPs, HBM bytes, time (no GPU).
+"""Modelled GPU cost of each log-prob head at the 8B shape, kernel by kernel (no GPU): a printer of the plans.
 
-Every path runs its own code on the ``meta`` device (shapes only, no data) under a dispatch counter:
+- ε-DPO heads: the planner's own plans (:mod:`edpo_plugin.ops.dispatch`): ``auto`` (the modelled-fastest plan within the
+  default workspace budget, what ``impl="auto"`` runs on that GPU), the best Triton-fold and PyTorch-fold plans, and
+  the round-1 tiles (1024 × 4096, recomputing backward) for reference. Each row is the sum of the plan's own
+  :func:`edpo_plugin.ops.launches.launches` list under :func:`edpo_plugin.ops.cost_model.kernel_seconds`; nothing
+  is traced and nothing is patched. ``tests/ops/test_plan.py`` checks those lists against what the engine really
+  dispatches.
+- TRL 1.16's chunked DPO head (``trl-chunked-dpo``): written below as its own kernel list, from its source
+  (``trl/kernels/chunked_logprob.py``, ``trl/trainer/utils.py: add_fused_lm_head`` as ``DPOTrainer`` calls it: the
+  policy with ``outputs=("log_probs", "entropy", "mean_logits", "is_top1")`` and gradient, the reference without; a
+  PEFT reference is the policy model with adapters off, so it has the policy's outputs). TRL need not be installed.
+- ``naive`` and Liger's ``LigerFusedLinearDPOLoss`` (when installed; eager, ``compiled=False``): traced on the meta
+  device, one kernel per dispatched op.
 
-- GEMMs (``mm``/``addmm``/``bmm`` and their ``out_dtype`` forms): ``2·m·k·n`` flops, tensor-core work when the
-  operands are bf16/fp16, fp32 SIMT work otherwise; bytes: both operands read, the output written (and read, when
-  accumulated into).
-- every other PyTorch op: its input and output tensors read / written once (eager, unfused; views are free).
-- Triton launches, which the dispatcher cannot see into: bytes from the kernel's grid and tile loads (stubs below
-  state them per kernel), counted as if every load came from HBM (an upper bound: a fold's second read of its rows
-  usually hits L2).
-
-Modelled time = ``max(tensor-core flops / peak, fp32 flops / peak, bytes / bandwidth)`` on H100 SXM (989 TF/s bf16
-dense, 67 TF/s fp32, 3.35 TB/s) and A100 SXM (312, 19.5, 2.0). The ε-DPO paths emulate CUDA's GEMM policy
-(bf16 operands, fp32 output). Peers: TRL 1.16's ``ChunkedLogProbFunction`` as a DPO head (policy with gradient +
-reference, needs ``trl>=1.16``) and Liger's ``LigerFusedLinearDPOLoss`` (eager, ``compiled=False``: its memory is an
-upper bound of the compiled form).
+The model (constants and sources in ``edpo_plugin/ops/cost_model.py``): per kernel
+``max(flops / (eff · peak), bytes / (0.85 · bandwidth)) + 4 µs``, ``+ 20 µs`` per host sync; GEMM efficiency by size,
+capped at the GPU's published best-shape rate. **Modelled, not measured.**
 
     python scripts/roofline.py --json docs/roofline.json
 """
@@ -24,25 +25,130 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-GPUS = {
-    "H100": {"tc_flops": 989e12, "simt_flops": 67e12, "hbm_bytes": 3.35e12},
-    "A100": {"tc_flops": 312e12, "simt_flops": 19.5e12, "hbm_bytes": 2.0e12},
-}
+from edpo_plugin.ops import cost_model as C
+from edpo_plugin.ops import dispatch as D
+from edpo_plugin.ops import launches as L
+from edpo_plugin.ops import plan as P
+
 SHAPE = {"n": 8192, "d": 4096, "vocab": 128256}  # Llama-3-8B: 8192 completion tokens per micro-batch
 EPSILON = 0.01
 META = torch.device("meta")
-_GEMMS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")
-_FREE = {
+TRL_TOKEN_CHUNK = 4096  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE (trl 1.16.0)
+TRL_VOCAB_CHUNK = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE (trl 1.16.0)
+TRL_FOLD_BLOCK = 1024  # trl/kernels/chunked_logprob.py _BLOCK_SIZE (the backward kernel's column block)
+TRL_POLICY_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # trl/trainer/dpo_trainer.py (no WPO)
+
+
+# ------------------------------------------------------------------------------------------------- ε-DPO plans
+
+
+def edpo_plans(head: str, shape: dict, gpu: C.Gpu) -> dict[str, tuple[P.HeadPlan, P.HeadShape]]:
+    hs = P.HeadShape(tokens=shape["n"], valid=shape["n"], dim=shape["d"], vocab=shape["vocab"], dtype=torch.bfloat16,
+                     head=head, shared=head == "frozen")  # fmt: skip
+    budget = P.DEFAULT_WORKSPACE_MB * 2**20
+    plans = {
+        "auto": (D.best_plan(hs, ("triton", "chunked"), gpu, budget), hs),
+        "triton": (D.best_plan(hs, ("triton",), gpu, budget), hs),
+        "chunked": (D.best_plan(hs, ("chunked",), gpu, budget), hs),
+        "triton-1024x4096": (P.HeadPlan("triton", head, 1024, 4096, True, torch.bfloat16), hs),
+    }
+    if head == "trainable":  # the best plan that recomputes its tiles (5 matmul-equivalents): a small budget's choice
+        recompute = [p for p in D.candidates(hs, ("triton",), True) if not p.keep_probs]
+        plans["triton-recompute"] = (min(recompute, key=lambda p: C.plan_seconds(L.launches(p, hs), gpu)), hs)
+    return plans
+
+
+# --------------------------------------------------------------------------------------------- TRL as a plan
+
+
+def trl_chunked_dpo(head: str, n: int, d: int, vocab: int, e: int = 2) -> list[C.Kernel]:
+    """TRL 1.16's DPO head, kernel by kernel, for ``n`` scored tokens (all valid): the reference call (no grad),
+    the policy call, the policy's backward; each call as ``add_fused_lm_head``'s forward runs it on CUDA."""
+    out: list[C.Kernel] = []
+
+    def op(phase, name, read, write, count=1):
+        out.append(C.Kernel(phase, name, "torch", bytes=int(read + write), count=count))
+
+    def gemm(phase, name, m, nn, k, out_bytes, accumulate, count):
+        c_read = m * nn * out_bytes if accumulate else 0
+        out.append(C.Kernel(phase, name, "gemm", flops=2 * m * nn * k,
+                            bytes=m * k * e + k * nn * e + m * nn * out_bytes + c_read, c_read=c_read,
+                            tensor_cores=True, count=count))  # fmt: skip
+
+    def sync(phase, name):
+        out.append(C.Kernel(phase, name, "sync"))
+
+    def boolean_index(phase, name, row_bytes):  # x[mask]: nonzero (its size: a sync), then a gather
+        op(phase, f"{name}: nonzero", n, 8 * n)
+        sync(phase, f"{name}: size")
+        op(phase, f"{name}: gather", 8 * n + n * row_bytes, n * row_bytes)
+
+    tiles = [(min(r + TRL_TOKEN_CHUNK, n) - r, min(c + TRL_VOCAB_CHUNK, vocab) - c)
+             for r in range(0, n, TRL_TOKEN_CHUNK) for c in range(0, vocab, TRL_VOCAB_CHUNK)]  # fmt: skip
+
+    def forward_call(phase: str, outputs: tuple[str, ...]) -> None:
+        op(phase, "mask = labels != -100", 8 * n, n)
+        boolean_index(phase, "hidden[mask]", d * e)
+        boolean_index(phase, "labels[mask]", 8)
+        op(phase, "running statistics init", 0, 4 * n, 7)
+        for rows, cols in tiles:
+            gemm(phase, "logits (bf16 tile)", rows, cols, d, e, False, 1)
+            op(phase, "_forward_kernel", rows * cols * e + rows * (32 + 4 + e), rows * 28)  # one program per row
+        op(phase, "log Σ", 4 * n, 4 * n)
+        op(phase, "log_z = max + log Σ", 8 * n, 4 * n)
+        op(phase, "logprobs = target − log_z", 8 * n, 4 * n)
+        if "entropy" in outputs:
+            op(phase, "entropy", 16 * n, 8 * n, 1)
+            out[-1] = C.Kernel(phase, "entropy", "torch", bytes=12 * n, count=2)
+        if "mean_logits" in outputs:
+            op(phase, "mean_logits", 4 * n, 4 * n)
+        if "is_top1" in outputs:
+            op(phase, "is_top1 ≥ / > ", 8 * n, n, 2)
+            op(phase, "is_top1 &", 2 * n, n)
+        for name in outputs:  # x.new_zeros(mask.shape).masked_scatter(mask, x): zeros, a prefix sum, a scatter
+            size = 1 if name == "is_top1" else 4
+            op(phase, f"{name}: zeros", 0, n * size)
+            op(phase, f"{name}: masked_scatter prefix sum", n, 8 * n)
+            op(phase, f"{name}: masked_scatter", n + 8 * n + n * size, n * size)
+
+    forward_call("reference", TRL_POLICY_OUTPUTS if head == "frozen" else ("log_probs",))
+    forward_call("policy", TRL_POLICY_OUTPUTS)
+    phase = "backward"
+    op(phase, "masked_scatter backward: masked_select", 4 * n + n, 4 * n, 2)
+    sync(phase, "masked_select size")
+    op(phase, "grad_hidden = 0 (fp32)", 0, n * d * 4)
+    if head == "trainable":
+        op(phase, "grad_weight = 0 (fp32)", 0, vocab * d * 4)
+    for rows, cols in tiles:
+        gemm(phase, "recompute logits (bf16 tile)", rows, cols, d, e, False, 1)
+        programs = -(-cols // TRL_FOLD_BLOCK)
+        op(phase, "_backward_kernel (in place)", rows * cols * e + rows * programs * 16, rows * cols * e)
+        gemm(phase, "grad_hidden += G·W (fp32)", rows, d, cols, 4, True, 1)
+        if head == "trainable":
+            gemm(phase, "grad_weight += Gᵀ·H (fp32)", cols, d, rows, 4, True, 1)
+    op(phase, "grad_hidden .to(bf16)", n * d * 4, n * d * e)
+    if head == "trainable":
+        op(phase, "grad_weight .to(bf16)", vocab * d * 4, vocab * d * e)
+    op(phase, "hidden[mask] backward: zeros", 0, n * d * e)
+    op(phase, "hidden[mask] backward: nonzero", n, 8 * n)
+    sync(phase, "hidden[mask] backward: size")
+    op(phase, "hidden[mask] backward: index_put", 8 * n + n * d * e, n * d * e)
+    return out
+
+
+# ----------------------------------------------------------------------------------- traced peers (meta device)
+
+_VIEWS = {
     "view", "_unsafe_view", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "as_strided",
     "alias", "permute", "detach", "unbind", "split", "narrow", "_reshape_alias", "lift_fresh", "empty", "empty_like",
-    "empty_strided", "new_empty", "new_empty_strided", "set_", "_to_copy_meta", "split_with_sizes",
+    "empty_strided", "new_empty", "new_empty_strided", "set_", "split_with_sizes", "_to_copy_meta",
 }  # fmt: skip
+_GEMMS = ("mm", "addmm", "bmm", "baddbmm")
 
 
 def _nbytes(t) -> int:
@@ -60,274 +166,166 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
-class CostCounter(TorchDispatchMode):
-    """Tensor-core flops, fp32 SIMT flops and HBM bytes of everything dispatched while active (see module doc)."""
+class Tracer(TorchDispatchMode):
+    """One :class:`edpo_plugin.ops.plan.Kernel` per dispatched op: GEMMs with their flops, other ops reading their
+    inputs and writing their outputs once (views free)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.tc_flops = 0
-        self.simt_flops = 0
-        self.bytes = 0
-        self.gemm_flops_by_dtype: dict[str, int] = {}
-
-    def add_launch(self, nbytes: int) -> None:
-        self.bytes += int(nbytes)
+        self.kernels: list[C.Kernel] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._overloadpacket.__name__
-        if name in _GEMMS:
-            a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+        base = name.rstrip("_")
+        if name in _VIEWS:
+            return out
+        if base in _GEMMS:
+            a, b = (args[0], args[1]) if base in ("mm", "bmm") else (args[1], args[2])
             batch = a.shape[0] if a.dim() == 3 else 1
             flops = 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-            low = a.dtype in (torch.bfloat16, torch.float16)
-            if low:
-                self.tc_flops += flops
-            else:
-                self.simt_flops += flops
-            key = str(a.dtype).replace("torch.", "")
-            self.gemm_flops_by_dtype[key] = self.gemm_flops_by_dtype.get(key, 0) + flops
             written = _nbytes(kwargs.get("out", out if isinstance(out, torch.Tensor) else None))
-            accumulated = name != "mm" and name != "bmm"
-            self.bytes += _nbytes(a) + _nbytes(b) + written * (2 if accumulated else 1)
-        elif name in ("zeros", "full", "zero_", "fill_", "new_zeros", "new_full", "zeros_like", "full_like"):
-            self.bytes += sum(_nbytes(t) for t in _tensors(out))
-        elif name == "copy_":
-            self.bytes += 2 * _nbytes(args[1])
-        elif name not in _FREE:
-            self.bytes += sum(_nbytes(t) for t in _tensors(args)) + sum(_nbytes(t) for t in _tensors(kwargs))
-            if not name.endswith("_"):  # an in-place op's output is its (already counted) input
-                self.bytes += sum(_nbytes(t) for t in _tensors(out))
-        return out
-
-
-# ------------------------------------------------------------------------------------------ the ε-DPO tile engine
-
-
-@contextlib.contextmanager
-def cuda_gemm_policy() -> Iterator[None]:
-    """Make the engine treat bf16/fp16 meta tensors as it treats CUDA ones (GEMMs on the input dtype, fp32 out)."""
-    from edpo_plugin.ops import engine
-
-    real = engine.tensor_core_operands
-    engine.tensor_core_operands = lambda t: t.dtype in (torch.bfloat16, torch.float16)
-    try:
-        yield
-    finally:
-        engine.tensor_core_operands = real
-
-
-def triton_fold_stubs(counter: CostCounter) -> tuple[Callable, Callable]:
-    """Meta stand-ins for the two fold kernels of :mod:`edpo_plugin.ops.triton_fold`, recording their HBM bytes."""
-
-    def fold(z, b_p, b_r, stats, epsilon, transform, p_dtype):
-        _, rows, cols = z.shape
-        planes = 2 * 2 * rows * cols * 4  # two fp32 planes, read in both passes
-        bias = 2 * (_nbytes(b_p) + _nbytes(b_r)) * math.ceil(rows / 4)  # per program (4 rows), per pass
-        stats_rw = 2 * 2 * 4 * rows * 4
-        if p_dtype is None:
-            counter.add_launch(planes + bias + stats_rw)
-            return None
-        p_bytes = rows * cols * torch.empty((), dtype=p_dtype).element_size()
-        counter.add_launch(planes + bias + stats_rw + p_bytes + rows * 4)
-        return torch.empty(rows, device=META), torch.empty(rows, cols, dtype=p_dtype, device=META)
-
-    def grad_fold(u, b, y_tile, row_max, row_logsum, g, transform, out_dtype):
-        rows, cols = u.shape
-        out = torch.empty(rows, cols, dtype=out_dtype, device=META)
-        counter.add_launch(_nbytes(u) + _nbytes(out) + 4 * rows * 4 * math.ceil(cols / 128))
-        return out
-
-    return fold, grad_fold
-
-
-def edpo_head(counter: CostCounter, path: str, head: str, n: int, d: int, vocab: int, dtype=torch.bfloat16) -> None:
-    """One ε-DPO head step (forward + backward of the policy stream) on meta tensors, with the orchestration of
-    ``edpo_plugin.ops.chunked`` over the engine (all ``n`` tokens valid)."""
-    from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
-    from edpo_plugin.ops.engine import (
-        HeadOperands,
-        Tiles,
-        fold_torch,
-        grad_fold_torch,
-        mix_streams,
-        recompute_grads,
-        sweep_statistics,
-        target_logits,
-    )
-    from edpo_plugin.ops.transform import IDENTITY
-
-    fold, grad_fold = triton_fold_stubs(counter) if path == "triton" else (fold_torch, grad_fold_torch)
-    tiles = Tiles(DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK)
-    h, hr = (torch.empty(n, d, dtype=dtype, device=META) for _ in range(2))
-    w = torch.empty(vocab, d, dtype=dtype, device=META)
-    wr = w if head == "frozen" else torch.empty(vocab, d, dtype=dtype, device=META)
-    y = torch.empty(n, dtype=torch.int64, device=META)
-    policy, ref = HeadOperands(h, w, None), HeadOperands(hr, wr, None)
-    with cuda_gemm_policy(), counter:
-        row_max, row_logsum, direction = sweep_statistics(
-            policy, ref, y, EPSILON, IDENTITY, tiles, head == "frozen", fold
-        )
-        targets = torch.stack(mix_streams(target_logits(policy, y, IDENTITY), target_logits(ref, y, IDENTITY),
-                                          EPSILON))  # fmt: skip
-        ((targets - row_max) - row_logsum).unbind(0)
-        g = torch.empty(n, device=META)
-        if head == "frozen":
-            (direction * g[:, None]).to(dtype)
+            c_read = written if base in ("addmm", "baddbmm") else 0
+            tc = a.dtype in (torch.bfloat16, torch.float16)
+            self.kernels.append(C.Kernel("traced", name, "gemm", flops=flops,
+                                         bytes=_nbytes(a) + _nbytes(b) + written + c_read, c_read=c_read,
+                                         tensor_cores=tc))  # fmt: skip
+        elif name in ("_local_scalar_dense",):
+            self.kernels.append(C.Kernel("traced", name, "sync"))
+        elif name in ("zeros", "full", "zero_", "fill_", "new_zeros", "new_full", "zeros_like", "full_like", "ones",
+                      "ones_like", "new_ones"):  # fmt: skip
+            self.kernels.append(C.Kernel("traced", name, "torch", bytes=sum(_nbytes(t) for t in _tensors(out))))
         else:
-            gh, gw, _ = recompute_grads(policy, y, row_max[0], row_logsum[0], g, IDENTITY, tiles,
-                                        (True, True, False), grad_fold)  # fmt: skip
-            gh.to(dtype)
+            read = sum(_nbytes(t) for t in _tensors(args)) + sum(_nbytes(t) for t in _tensors(kwargs))
+            write = 0 if name.endswith("_") else sum(_nbytes(t) for t in _tensors(out))
+            self.kernels.append(C.Kernel("traced", name, "torch", bytes=read + write))
+        return out
 
 
-def naive_head(counter: CostCounter, head: str, n: int, d: int, vocab: int, dtype=torch.bfloat16) -> None:
+def naive_head(head: str, n: int, d: int, vocab: int) -> list[C.Kernel]:
     from edpo_plugin.ops.naive import naive_linear_logprobs
 
+    dtype = torch.bfloat16
     h = torch.empty(n, d, dtype=dtype, device=META, requires_grad=True)
     w = torch.empty(vocab, d, dtype=dtype, device=META, requires_grad=head == "trainable")
     wr = w.detach() if head == "frozen" else torch.empty(vocab, d, dtype=dtype, device=META)
     y = torch.zeros(n, dtype=torch.int64, device=META)
-    real_autocast = torch.autocast
-    torch.autocast = lambda *args, **kwargs: contextlib.nullcontext()  # autocast has no meta form; it is off anyway
-    try:
-        with counter:
-            out = naive_linear_logprobs(h, w, y, torch.empty_like(h).detach(), wr, EPSILON, None, None, -100)
-            out[0].sum().backward()
-    finally:
-        torch.autocast = real_autocast
+    tracer = Tracer()
+    with tracer:
+        out = naive_linear_logprobs(h, w, y, torch.empty_like(h).detach(), wr, EPSILON, None, None, -100)
+        torch.autograd.grad(out[0], [h, w] if head == "trainable" else [h], torch.empty(n, device=META))
+    return tracer.kernels
 
 
-# ------------------------------------------------------------------------------------------------------- peers
-
-
-def trl_chunked_dpo(counter: CostCounter, head: str, n: int, d: int, vocab: int, dtype=torch.bfloat16) -> bool:
-    """TRL 1.16's memory-efficient DPO head: ``ChunkedLogProbFunction`` on the policy (with gradient) and on the
-    reference, as ``add_fused_lm_head`` calls it (chunk 32768 columns, 4096 tokens, Triton folds). False if the
-    installed TRL has no such function."""
-    try:
-        from trl.kernels import chunked_logprob as clp
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except ImportError:
-        return False
-
-    class Launch:
-        def __init__(self, backward: bool):
-            self.backward = backward
-
-        def __getitem__(self, grid):
-            def launch(tile, *args, **kwargs):
-                rows, cols = tile.shape
-                per_row_state = 8 * 4 * rows * (2 if not self.backward else 1)
-                counter.add_launch(_nbytes(tile) * (2 if self.backward else 1) + per_row_state)
-
-            return launch
-
-    def addmm_fp32_as_on_cuda(acc, a, b):  # TRL's own CUDA branch (bf16 operands, fp32 out)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-
-    saved = clp._use_triton, clp._forward_kernel, clp._backward_kernel, torch.is_autocast_enabled, clp._addmm_fp32
-    clp._addmm_fp32 = addmm_fp32_as_on_cuda
-    clp._use_triton = lambda device: True
-    clp._forward_kernel, clp._backward_kernel = Launch(False), Launch(True)
-    torch.is_autocast_enabled = lambda *args: False  # no meta form; autocast is off in this comparison
-    try:
-        h = torch.empty(n, d, dtype=dtype, device=META, requires_grad=True)
-        w = torch.empty(vocab, d, dtype=dtype, device=META, requires_grad=head == "trainable")
-        wr = w.detach() if head == "frozen" else torch.empty(vocab, d, dtype=dtype, device=META)
-        y = torch.zeros(n, dtype=torch.int64, device=META)
-        with counter:
-            with torch.no_grad():
-                clp.ChunkedLogProbFunction.apply(torch.empty_like(h), wr, None, y, 1.0, chunk, None, 1.0, ())
-            logps = clp.ChunkedLogProbFunction.apply(h, w, None, y, 1.0, chunk, None, 1.0, ())[0]
-            logps.sum().backward()
-    finally:
-        clp._use_triton, clp._forward_kernel, clp._backward_kernel, torch.is_autocast_enabled, clp._addmm_fp32 = saved
-    return True
-
-
-def liger_dpo(counter: CostCounter, head: str, n: int, d: int, vocab: int, dtype=torch.bfloat16) -> bool:
-    """Liger's ``LigerFusedLinearDPOLoss`` with a reference model (eager here). Its forward computes the gradients
-    chunk by chunk (``torch.func.grad_and_value``); its backward only scales them, so the forward is the cost."""
+def liger_dpo(head: str, n: int, d: int, vocab: int) -> list[C.Kernel] | None:
+    """Liger's ``LigerFusedLinearDPOLoss`` with a reference model (eager): its forward computes the gradients chunk by
+    chunk; its backward only scales them."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
     except ImportError:
-        return False
+        return None
+    dtype = torch.bfloat16
     seq = min(512, n // 2)
     pairs = n // (2 * seq)
     h = torch.empty(2 * pairs, seq, d, dtype=dtype, device=META, requires_grad=True)
     w = torch.empty(vocab, d, dtype=dtype, device=META, requires_grad=head == "trainable")
     wr = w.detach() if head == "frozen" else torch.empty(vocab, d, dtype=dtype, device=META)
     y = torch.zeros(2 * pairs, seq, dtype=torch.int64, device=META)
-    loss_fn = LigerFusedLinearDPOLoss(use_ref_model=True, compiled=False)
-    with counter:
-        loss_fn(w, h, y, ref_input=torch.empty_like(h).detach(), ref_weight=wr)
-    return True
+    tracer = Tracer()
+    with tracer, contextlib.suppress(NotImplementedError):
+        LigerFusedLinearDPOLoss(use_ref_model=True, compiled=False)(w, h, y, ref_input=torch.empty_like(h).detach(),
+                                                                   ref_weight=wr)  # fmt: skip
+    return tracer.kernels
 
 
-# -------------------------------------------------------------------------------------------------------- model
+# -------------------------------------------------------------------------------------------------------- rows
 
 
-def resolve_auto() -> str:
-    """The path ``resolve_impl("auto", cuda, bf16)`` picks (with Triton importable and its self-check passing)."""
-    from edpo_plugin.ops import auto_cuda_impl
+def summarise(kernels: list[C.Kernel], gpu: C.Gpu, calibration: C.Calibration | None = None) -> dict:
+    gemms = [k for k in kernels if k.kind == "gemm"]
+    eff = [C.gemm_efficiency(k.flops, k.c_read, gpu) for k in gemms if k.tensor_cores]
+    phases: dict[str, float] = {}
+    for k in kernels:
+        phases[k.phase] = phases.get(k.phase, 0.0) + C.kernel_seconds(k, gpu)
+    return {
+        "launches": C.launch_count(kernels),
+        "syncs": sum(k.count for k in kernels if k.kind == "sync"),
+        "tc_tflop": round(sum(k.flops * k.count for k in gemms if k.tensor_cores) / 1e12, 2),
+        "simt_tflop": round(sum(k.flops * k.count for k in gemms if not k.tensor_cores) / 1e12, 2),
+        "hbm_gb": round(sum(k.bytes * k.count for k in kernels) / 1e9, 1),
+        "ms": round(1e3 * C.plan_seconds(kernels, gpu), 1),
+        "max_gemm_efficiency": round(max(eff), 3) if eff else None,
+        "ms_by_phase": {p: round(1e3 * s, 2) for p, s in phases.items()},
+        "model": "per-kernel",
+        **({"calibrated_ms": round(1e3 * C.plan_seconds(kernels, gpu, calibration), 1)}
+           if calibration is not None and calibration.gpu == gpu.name else {}),
+    }  # fmt: skip
 
-    return auto_cuda_impl()
 
-
-def measure(name: str, head: str, shape: dict) -> CostCounter | None:
-    counter = CostCounter()
+def rows_for(shape: dict = SHAPE, calibration: C.Calibration | None = None) -> list[dict]:
     n, d, vocab = shape["n"], shape["d"], shape["vocab"]
-    if name in ("triton", "chunked"):
-        edpo_head(counter, name, head, n, d, vocab)
-    elif name == "naive":
-        naive_head(counter, head, n, d, vocab)
-    elif name == "trl-chunked-dpo":
-        if not trl_chunked_dpo(counter, head, n, d, vocab):
-            return None
-    elif name == "liger-dpo":
-        if not liger_dpo(counter, head, n, d, vocab):
-            return None
-    else:
-        raise ValueError(name)
-    return counter
-
-
-def rows_for(shape: dict = SHAPE) -> list[dict]:
-    auto = resolve_auto()
     rows = []
     for head in ("frozen", "trainable"):
-        for name in ("triton", "chunked", "naive", "trl-chunked-dpo", "liger-dpo"):
-            c = measure(name, head, shape)
-            if c is None:
-                continue
-            for gpu, peak in GPUS.items():
-                ms = 1e3 * max(c.tc_flops / peak["tc_flops"], c.simt_flops / peak["simt_flops"],
-                               c.bytes / peak["hbm_bytes"])  # fmt: skip
-                for path in [name, "auto"] if name == auto else [name]:
-                    rows.append({"gpu": gpu, "path": path, "head": head, "tc_tflop": round(c.tc_flops / 1e12, 2),
-                                 "simt_tflop": round(c.simt_flops / 1e12, 2), "hbm_gb": round(c.bytes / 1e9, 1),
-                                 "ms": round(ms, 1)})  # fmt: skip
+        traced = {"naive": naive_head(head, n, d, vocab), "liger-dpo": liger_dpo(head, n, d, vocab)}
+        for gpu_key, gpu in C.GPUS.items():
+            for path, (plan, hs) in edpo_plans(head, shape, gpu).items():
+                rows.append({"gpu": gpu_key, "head": head, "path": path, "plan": plan.describe(),
+                             "workspace_gib": round(L.workspace_bytes(plan, hs) / 2**30, 2),
+                             **summarise(L.launches(plan, hs), gpu, calibration)})  # fmt: skip
+            rows.append({"gpu": gpu_key, "head": head, "path": "trl-chunked-dpo",
+                         "plan": f"trl 1.16 {TRL_TOKEN_CHUNK}×{TRL_VOCAB_CHUNK}",
+                         **summarise(trl_chunked_dpo(head, n, d, vocab), gpu, calibration)})  # fmt: skip
+            for path, kernels in traced.items():
+                if kernels is not None:
+                    rows.append({"gpu": gpu_key, "head": head, "path": path, "plan": "traced (eager)",
+                                 **summarise(kernels, gpu, calibration)})  # fmt: skip
     return rows
+
+
+def constants() -> dict:
+    return {
+        "gpus": {k: vars(g) for k, g in C.GPUS.items()},
+        "hbm_efficiency": C.HBM_EFFICIENCY,
+        "launch_s": C.LAUNCH_S,
+        "sync_s": C.SYNC_S,
+        "gemm_efficiency": [list(p) for p in C.GEMM_EFFICIENCY],
+        "small_gemm_exponent": C.SMALL_GEMM_EXPONENT,
+        "moved_row_fraction": C.MOVED_ROW_FRACTION,
+        "default_workspace_mb": P.DEFAULT_WORKSPACE_MB,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
     p.add_argument("--shape", default=None, help="N,d,V instead of the 8B shape (tests use a small one)")
+    p.add_argument("--calibration", default=None, help="a GPU suite's bench_head_gpu.json: add calibrated_ms rows")
     args = p.parse_args()
+    shape = dict(SHAPE)
     if args.shape:
-        SHAPE.update(zip(("n", "d", "vocab"), (int(x) for x in args.shape.split(","))))
-    rows = rows_for(SHAPE)
-    unit = 2 * SHAPE["n"] * SHAPE["d"] * SHAPE["vocab"] / 1e12
-    print(f"modelled, shape N={SHAPE['n']} d={SHAPE['d']} V={SHAPE['vocab']} bf16; 1 matmul-eq = {unit:.2f} TFLOP")
-    print(f"{'gpu':<6}{'head':<11}{'path':<17}{'tc TFLOP':>9}{'fp32 TFLOP':>11}{'HBM GB':>8}{'ms':>8}")
+        shape.update(zip(("n", "d", "vocab"), (int(x) for x in args.shape.split(","))))
+    calibration = None
+    if args.calibration:
+        with open(args.calibration) as f:
+            calibration = C.calibrated(json.load(f)["meta"])
+    rows = rows_for(shape, calibration)
+    unit = 2 * shape["n"] * shape["d"] * shape["vocab"] / 1e12
+    print(f"modelled (per kernel), N={shape['n']} d={shape['d']} V={shape['vocab']} bf16; "
+          f"1 matmul-eq = {unit:.2f} TFLOP")  # fmt: skip
+    print(f"{'gpu':<6}{'head':<11}{'path':<18}{'plan':<30}{'launches':>9}{'TC TFLOP':>9}{'HBM GB':>8}{'ms':>8}"
+          f"{'vs TRL':>8}")  # fmt: skip
+    trl = {(r["gpu"], r["head"]): r["ms"] for r in rows if r["path"] == "trl-chunked-dpo"}
     for r in rows:
-        print(f"{r['gpu']:<6}{r['head']:<11}{r['path']:<17}{r['tc_tflop']:>9}{r['simt_tflop']:>11}{r['hbm_gb']:>8}"
-              f"{r['ms']:>8}")  # fmt: skip
+        ratio = r["ms"] / trl[(r["gpu"], r["head"])]
+        calibrated = f"  calibrated {r['calibrated_ms']} ms" if "calibrated_ms" in r else ""
+        print(f"{r['gpu']:<6}{r['head']:<11}{r['path']:<18}{r['plan']:<30}{r['launches']:>9}{r['tc_tflop']:>9}"
+              f"{r['hbm_gb']:>8}{r['ms']:>8}{ratio:>8.2f}{calibrated}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": SHAPE, "gpus": GPUS, "kind": "modelled", "rows": rows}, f, indent=2)
+            json.dump({"shape": shape, "kind": "modelled", "model": "per-kernel", "constants": constants(),
+                       "rows": rows}, f, indent=2)  # fmt: skip
+            f.write("\n")
 
 
 if __name__ == "__main__":

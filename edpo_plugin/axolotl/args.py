@@ -18,6 +18,7 @@ CFG_TO_ARGS = {
     "edpo_head": "edpo_head",
     "edpo_head_token_chunk": "edpo_head_token_chunk",
     "edpo_head_vocab_chunk": "edpo_head_vocab_chunk",
+    "edpo_head_workspace_mb": "edpo_head_workspace_mb",
     "edpo_head_check": "edpo_head_check",
     "edpo_share_prompt": "edpo_share_prompt",
 }
@@ -38,11 +39,14 @@ class EDPOArgs(BaseModel):
         description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton "
         "(CUDA only) or naive.",
     )
-    edpo_head_token_chunk: int = Field(
-        default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk in the head."
+    edpo_head_token_chunk: int | None = Field(
+        default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk; unset: the planner's."
     )
-    edpo_head_vocab_chunk: int = Field(
-        default=_DEFAULTS.edpo_head_vocab_chunk, ge=1, description="Vocabulary columns per tile in the head."
+    edpo_head_vocab_chunk: int | None = Field(
+        default=_DEFAULTS.edpo_head_vocab_chunk, ge=1, description="Vocabulary columns per tile; unset: the planner's."
+    )
+    edpo_head_workspace_mb: int = Field(
+        default=_DEFAULTS.edpo_head_workspace_mb, ge=1, description="CUDA: MiB the head's plan may hold (workspace)."
     )
     edpo_head_check: bool = Field(
         default=_DEFAULTS.edpo_head_check,

@@ -4,14 +4,14 @@
 per-token log-prob streams. Implementations, chosen by ``impl``:
 
 - ``"naive"``: materialises ``[tokens × vocab]`` logits (the authors' reference trainer's way).
-- ``"chunked"``: the tile engine (:mod:`edpo_plugin.ops.engine`: token chunks × wide vocabulary tiles, GEMMs by the
+- ``"chunked"``: the tile engine (:mod:`edpo_plugin.ops.engine`: token chunks × vocabulary tiles, GEMMs by the
   BLAS — on CUDA on the input dtype with fp32 output) with each tile folded in PyTorch; CPU and GPU.
 - ``"triton"``: the same engine with each tile folded by one Triton kernel (:mod:`edpo_plugin.ops.triton_fold`;
   CUDA, or CPU under ``TRITON_INTERPRET=1``).
-- ``"auto"``: on CUDA, :data:`AUTO_ON_CUDA` — the path with the lowest modelled time at the 8B shape
-  (``scripts/roofline.py``; a GPU measurement replaces the model once one is committed) — if Triton imports and
-  its first-use self-check passes on that device and dtype (:mod:`edpo_plugin.ops.triton_selfcheck`; on failure it
-  warns once and falls back to ``"chunked"``); ``"chunked"`` elsewhere.
+- ``"auto"``: ``"chunked"`` with its CPU tiles off CUDA; on CUDA the plan with the lowest modelled time whose
+  workspace fits ``workspace_mb`` (:mod:`edpo_plugin.ops.dispatch`, modelled by
+  :mod:`edpo_plugin.ops.cost_model`), a Triton plan only once its first-use self-check passed on that device and
+  dtype.
 
 Imports only torch (and triton, lazily).
 """
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, chunked_linear_logprobs
+from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
 from edpo_plugin.ops.contract import LinearLogprobs, check_inputs
-from edpo_plugin.ops.dispatch import AUTO_ON_CUDA, IMPLS, auto_cuda_impl, resolve_impl, triton_available
+from edpo_plugin.ops.dispatch import IMPLS, resolve_impl, triton_available
 from edpo_plugin.ops.naive import naive_linear_logprobs
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
 __all__ = [
-    "AUTO_ON_CUDA",
     "IMPLS",
-    "auto_cuda_impl",
     "LinearLogprobs",
     "LogitTransform",
     "linear_logprobs",
@@ -53,8 +51,9 @@ def linear_logprobs(
     ignore_index: int = -100,
     transform: LogitTransform | None = None,
     impl: str = "auto",
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    workspace_mb: int | None = None,
 ) -> LinearLogprobs:
     """Policy, reference and both ε-mix log-probs of ``labels`` from hidden states and ``lm_head`` weights.
 
@@ -71,7 +70,10 @@ def linear_logprobs(
         transform: what the model does to ``W h + b`` before its softmax (scale, then soft cap); ``None`` for
             plain logits. Applied to policy and reference logits before the ε-mixes.
         impl: ``"auto"``, ``"naive"``, ``"chunked"`` or ``"triton"``.
-        token_chunk, vocab_chunk: tile sizes of the fused paths (rows of tokens, columns of vocabulary).
+        token_chunk, vocab_chunk: tile sizes of the fused paths (rows of tokens, columns of vocabulary); None: the
+            planner's (on CPU 1024 × 4096; on CUDA the modelled-fastest that fits ``workspace_mb``).
+        workspace_mb: on CUDA, the most memory (MiB) the fused head's plan may hold beyond its inputs and outputs
+            (tile buffers, the frozen head's direction, a trainable head's kept ``P``); None: 4096.
 
     Returns:
         :class:`LinearLogprobs` of fp32 tensors shaped like ``labels``. Gradient flows from ``policy`` to
@@ -83,25 +85,18 @@ def linear_logprobs(
         return dtensor_linear_logprobs(
             hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=epsilon, bias=bias,
             ref_bias=ref_bias, ignore_index=ignore_index, transform=transform, impl=impl, token_chunk=token_chunk,
-            vocab_chunk=vocab_chunk,
+            vocab_chunk=vocab_chunk, workspace_mb=workspace_mb,
         )  # fmt: skip
     transform = IDENTITY if transform is None else LogitTransform(*transform)
     transform.check()
     lead_shape = labels.shape
     d = hidden.shape[-1]
     flat = (hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon))
-    kind = resolve_impl(impl, hidden.device, hidden.dtype)
-    if kind == "naive":
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if impl == "naive":
         streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform)
     else:
-        streams = chunked_linear_logprobs(
-            *flat,
-            bias,
-            ref_bias,
-            ignore_index,
-            transform=transform,
-            token_chunk=token_chunk,
-            vocab_chunk=vocab_chunk,
-            use_triton=kind == "triton",
-        )
+        request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
+        streams = fused_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform=transform, request=request)
     return LinearLogprobs(*(s.reshape(lead_shape) for s in streams))

@@ -1,20 +1,23 @@
-"""Fused ε-DPO log-prob head (``impl="chunked"`` and ``impl="triton"``): an autograd function over the tile engine.
+"""The fused ε-DPO log-prob head (``impl="chunked"`` / ``"triton"``, one device or a vocabulary shard): the one
+autograd function over the tile engine.
 
-Forward drops ignored positions, then runs :func:`edpo_plugin.ops.engine.sweep_statistics` over token chunks ×
-vocabulary tiles: four row statistics, and for a frozen head (``weight``/``bias`` need no grad, the LoRA/QLoRA case)
-the policy's hidden-state direction ``J_y W[y] − Σ_v p_v J_v W_v`` as fp32 ``[M, d]``. Target logits come from one
-indexed dot product per token. Each stream is ``(z_y − max) − log Σ``.
+Forward drops ignored positions, asks the planner (:mod:`edpo_plugin.ops.dispatch`) for a
+:class:`edpo_plugin.ops.plan.HeadPlan`, gathers the target rows (target logits, and the first reference of the
+policy's ``P``), then runs :func:`edpo_plugin.ops.engine.sweep_statistics`: four row statistics, and per head kind
 
-Backward (gradient of the policy stream only; the rest are constants):
+- frozen head (``weight``/``bias`` need no grad, the LoRA/QLoRA case): the policy's hidden-state direction
+  ``J_y W[y] − Σ_v p_v J_v W_v`` as fp32 ``[M, d]``; backward only scales it (3 matmul-equivalents, nothing reads
+  ``W`` in backward, as a ZeRO-3-sharded head needs);
+- trainable head: backward recomputes the policy tiles from the saved statistics (5 matmul-equivalents) or, when
+  the plan keeps the policy's ``P`` from the forward (``keep_probs``, a GPU plan that fits the workspace budget),
+  turns the kept ``P`` into the logit gradient in place (4).
 
-- frozen head: scales the saved direction by the upstream gradient. 3 matmul-equivalents in all, and nothing reads
-  ``W`` in backward (what a ZeRO-3-sharded head needs).
-- trainable head: :func:`edpo_plugin.ops.engine.recompute_grads` recomputes the policy tiles from the saved
-  statistics and produces the hidden, weight and bias gradients. 5 matmul-equivalents in all.
+Each stream is ``(z_y − max) − log Σ``. On a vocabulary shard (``shard``: Megatron-style tensor parallelism) the same
+function runs on this rank's rows, with the two collectives at named points: after the sweep
+(:func:`edpo_plugin.ops.collectives.gather_statistics`, then every rank merges the global statistics) and at the end
+of backward (:func:`edpo_plugin.ops.collectives.reduce_hidden_grad`).
 
-``impl="chunked"`` folds each tile in PyTorch, ``impl="triton"`` in one Triton kernel
-(:mod:`edpo_plugin.ops.triton_fold`); both share the engine's GEMMs, so their statistics agree to the fold's
-rounding. Autocast is disabled inside forward and backward.
+Autocast is disabled inside forward and backward.
 """
 
 from __future__ import annotations
@@ -23,23 +26,40 @@ from typing import NamedTuple
 
 import torch
 
+from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard, gather_statistics, merge_statistics, reduce_hidden_grad
 from edpo_plugin.ops.engine import (
     HeadOperands,
-    Tiles,
-    fold_torch,
-    grad_fold_torch,
     mix_streams,
+    no_autocast,
+    probs_grads,
     recompute_grads,
     sweep_statistics,
-    target_logits,
 )
+from edpo_plugin.ops.plan import HeadPlan, HeadShape
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
-DEFAULT_TOKEN_CHUNK = 1024
-DEFAULT_VOCAB_CHUNK = 4096
+
+class PlanRequest(NamedTuple):
+    """What the caller asked of the planner: the implementation, tiles (None: the planner's), workspace budget."""
+
+    impl: str = "auto"
+    token_chunk: int | None = None
+    vocab_chunk: int | None = None
+    workspace_mb: int | None = None
+    plan: HeadPlan | None = None  # a fixed plan (tests, scripts): skips the planner
 
 
-def chunked_linear_logprobs(
+class _Settings(NamedTuple):
+    """The non-tensor arguments, as one group."""
+
+    epsilon: float
+    ignore_index: int
+    transform: LogitTransform
+    request: PlanRequest
+    shard: VocabShard | None
+
+
+def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -51,52 +71,47 @@ def chunked_linear_logprobs(
     ignore_index: int,
     *,
     transform: LogitTransform = IDENTITY,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    use_triton: bool = False,
+    request: PlanRequest | None = None,
+    shard: VocabShard | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(policy, ref, plus, minus)``, fp32 ``[N]`` each, from ``hidden [N, d]``, ``weight [V, d]``, ``labels [N]``."""
-    if token_chunk < 1 or vocab_chunk < 1:
-        raise ValueError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}.")
-    settings = _Settings(float(epsilon), ignore_index, transform, Tiles(token_chunk, vocab_chunk), use_triton)
-    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings)
+    """``(policy, ref, plus, minus)``, fp32 ``[N]`` each, from ``hidden [N, d]``, ``weight [V, d]`` (this rank's
+    rows with ``shard``), ``labels [N]``."""
+    request = PlanRequest() if request is None else request
+    for name in ("token_chunk", "vocab_chunk", "workspace_mb"):
+        value = getattr(request, name)
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be >= 1 (or None: the planner's choice), got {value!r}.")
+    settings = _Settings(float(epsilon), ignore_index, transform, request, shard)
+    return _FusedLinearLogprobs.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings)
 
 
-class _Settings(NamedTuple):
-    """The non-tensor arguments, as one group."""
-
-    epsilon: float
-    ignore_index: int
-    transform: LogitTransform
-    tiles: Tiles
-    use_triton: bool
-
-
-def folds(use_triton: bool):
-    """``(fold, grad_fold)`` of the engine: the Triton kernels or their PyTorch forms."""
-    if use_triton:
-        from edpo_plugin.ops.triton_fold import fold_triton, grad_fold_triton
-
-        return fold_triton, grad_fold_triton
-    return fold_torch, grad_fold_torch
-
-
-class _ChunkedLinearLogprobs(torch.autograd.Function):
+class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings):
-        with torch.autocast(hidden.device.type, enabled=False):
+        ctx.set_materialize_grads(False)
+        with no_autocast(hidden.device):
             return _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *settings)
 
     @staticmethod
     def backward(ctx, grad_policy, *_unused):
-        with torch.autocast(grad_policy.device.type, enabled=False):
+        if grad_policy is None:
+            return (None,) * 8
+        with no_autocast(grad_policy.device):
             grads = _backward(ctx, grad_policy)
         return (*grads, None, None, None, None, None)
 
 
+def _plan_for(request: PlanRequest, shape: HeadShape, device: torch.device) -> HeadPlan:
+    if request.plan is not None:
+        return request.plan
+    from edpo_plugin.ops.dispatch import choose_plan
+
+    return choose_plan(shape, device, request.impl, request.token_chunk, request.vocab_chunk, request.workspace_mb)
+
+
 def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, epsilon, ignore_index, transform,
-             tiles, use_triton):  # fmt: skip
-    n_tokens = hidden.shape[0]
+             request, shard):  # fmt: skip
+    n_tokens, d = hidden.shape
     valid_idx = (labels != ignore_index).nonzero().squeeze(1)
     y = labels.index_select(0, valid_idx).long()
     policy = HeadOperands(hidden.detach().index_select(0, valid_idx), weight.detach(), _detached(bias))
@@ -106,48 +121,96 @@ def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels
 
     want_hidden = ctx.needs_input_grad[0]
     head_trainable = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
-    keep_direction = want_hidden and not head_trainable
-    fold, grad_fold = folds(use_triton)
-    row_max, row_logsum, direction = sweep_statistics(policy, ref, y, epsilon, transform, tiles, keep_direction, fold)
-    targets = torch.stack(mix_streams(target_logits(policy, y, transform), target_logits(ref, y, transform), epsilon))
-    streams = ((targets - row_max) - row_logsum).unbind(0)
+    head = "trainable" if head_trainable else ("frozen" if want_hidden else "none")
+    same_dtype = hidden.dtype == ref_hidden.dtype == weight.dtype == ref_weight.dtype
+    shape = HeadShape(tokens=n_tokens, valid=int(valid_idx.shape[0]), dim=d, vocab=weight.shape[0],
+                      dtype=hidden.dtype if same_dtype else torch.float32, head=head, shared=ref.w is policy.w,
+                      bias=bias is not None, ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
+    plan = _plan_for(request, shape, hidden.device)
+    kernels = plan.kernels()
+
+    owned = None
+    if shard is None:
+        y_local = y
+        targets = kernels.targets(policy, ref, y, transform)
+        r_init = targets.policy.clone() if plan.keeps_probs_or_direction else None
+    else:  # only the rank that holds a row's target knows its target logit
+        y_local = y - shard.start
+        owned = ((y_local >= 0) & (y_local < policy.w.shape[0])).nonzero().squeeze(1)
+        y_owned = y_local.index_select(0, owned)
+        targets = kernels.targets(HeadOperands(policy.h.index_select(0, owned), policy.w, policy.b),
+                                  HeadOperands(ref.h.index_select(0, owned), ref.w, ref.b), y_owned,
+                                  transform)  # fmt: skip
+        r_init = None
+        if plan.keeps_probs_or_direction:
+            r_init = torch.full((shape.valid,), float("-inf"), dtype=torch.float32, device=hidden.device)
+            r_init.index_copy_(0, owned, targets.policy)
+
+    sweep = sweep_statistics(plan, policy, ref, r_init, epsilon, transform, kernels.fold)
+    row_max, row_logsum, target_p, target_r = sweep.row_max, sweep.row_logsum, targets.policy, targets.ref
+    if shard is not None:  # collective 1: every rank gets the global statistics
+        local = torch.zeros(STAT_ROWS, shape.valid, dtype=torch.float32, device=hidden.device)
+        local[0:4], local[4:8] = row_max, row_logsum
+        local[8].index_copy_(0, owned, targets.policy)
+        local[9].index_copy_(0, owned, targets.ref)
+        local[10].index_fill_(0, owned, 1.0)
+        row_max, row_logsum, target_p, target_r = merge_statistics(gather_statistics(local, shard.group))
+
+    streams = ((torch.stack(mix_streams(target_p, target_r, epsilon)) - row_max) - row_logsum).unbind(0)
     outputs = tuple(hidden.new_zeros(n_tokens, dtype=torch.float32).index_copy_(0, valid_idx, s) for s in streams)
 
     ctx.mark_non_differentiable(*outputs[1:])
-    ctx.n_tokens = n_tokens
-    ctx.hidden_dtype = hidden.dtype
-    ctx.has_bias = bias is not None
-    ctx.transform, ctx.tiles, ctx.grad_fold = transform, tiles, grad_fold
-    if direction is not None or not want_hidden and not head_trainable:
+    ctx.n_tokens, ctx.hidden_dtype, ctx.has_bias = n_tokens, hidden.dtype, bias is not None
+    ctx.transform, ctx.plan, ctx.shard = transform, plan, shard
+    if plan.keeps_direction:
+        direction = kernels.finish(sweep, row_max[0], row_logsum[0], policy.w, y_local, target_p, targets, transform,
+                                   owned)  # fmt: skip
         ctx.save_for_backward(valid_idx, direction)
-        ctx.mode = "direction"
+    elif head == "trainable":
+        ctx.save_for_backward(valid_idx, y_local, row_max[0].contiguous(), row_logsum[0].contiguous(), policy.h,
+                              weight, bias, target_p, sweep.probs, sweep.probs_ref)  # fmt: skip
     else:
-        ctx.save_for_backward(valid_idx, y, row_max[0].contiguous(), row_logsum[0].contiguous(), policy.h, weight,
-                              bias)  # fmt: skip
-        ctx.mode = "recompute"
+        ctx.save_for_backward(valid_idx)
+    ctx.head = head
     return outputs
 
 
 def _backward(ctx, grad_policy):
     want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
     grad_weight = grad_bias = None
-    if ctx.mode == "direction":
-        valid_idx, direction = ctx.saved_tensors
-        if direction is None:  # no input needed a gradient
-            return None, None, None
-        grad_valid = direction * grad_policy.index_select(0, valid_idx).float()[:, None]
+    if ctx.head == "none":
+        return None, None, None
+    valid_idx = ctx.saved_tensors[0]
+    g = grad_policy.index_select(0, valid_idx).float()
+    if ctx.head == "frozen":
+        direction = ctx.saved_tensors[1]
+        out = g.new_empty(direction.shape, dtype=ctx.hidden_dtype)
+        grad_valid = torch.mul(direction, g.unsqueeze(1), out=out)
     else:
-        valid_idx, y, row_max, row_logsum, h, weight, bias = ctx.saved_tensors
-        g = grad_policy.index_select(0, valid_idx).float()
-        grad_valid, grad_weight, grad_bias = recompute_grads(
-            HeadOperands(h, weight, bias), y, row_max, row_logsum, g, ctx.transform, ctx.tiles, want, ctx.grad_fold
-        )
-    grad_hidden = None
-    if want[0]:
-        grad_hidden = grad_policy.new_zeros(ctx.n_tokens, grad_valid.shape[1], dtype=ctx.hidden_dtype)
-        grad_hidden.index_copy_(0, valid_idx, grad_valid.to(ctx.hidden_dtype))
+        _, y, row_max, row_logsum, h, weight, bias, target_p, probs, probs_ref = ctx.saved_tensors
+        policy = HeadOperands(h, weight.detach(), None if bias is None else bias.detach())
+        plan, transform = ctx.plan, ctx.transform
+        kernels = plan.kernels()
+        if plan.keep_probs:
+            grad_valid, grad_weight, grad_bias = probs_grads(plan, policy, y, row_max, row_logsum, target_p, probs,
+                                                             probs_ref, g, transform, want,
+                                                             kernels.grad_fold_probs)  # fmt: skip
+        else:
+            grad_valid, grad_weight, grad_bias = recompute_grads(plan, policy, y, row_max, row_logsum, g, transform,
+                                                                 want, kernels.grad_fold)  # fmt: skip
+        if grad_valid is not None:
+            grad_valid = grad_valid.to(ctx.hidden_dtype)
+    if not want[0]:
+        return None, grad_weight, grad_bias
+    if ctx.shard is not None:  # collective 2: the hidden gradient's parts from every vocabulary shard
+        grad_valid = reduce_hidden_grad(grad_valid, ctx.shard.group)
+    grad_hidden = grad_policy.new_zeros(ctx.n_tokens, grad_valid.shape[1], dtype=ctx.hidden_dtype)
+    grad_hidden.index_copy_(0, valid_idx, grad_valid)
     return grad_hidden, grad_weight, grad_bias
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+__all__ = ["PlanRequest", "fused_linear_logprobs"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edpo_plugin.ops.engine import mix_streams
+from edpo_plugin.ops.engine import mix_streams, no_autocast
 from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 
@@ -37,7 +37,7 @@ def naive_linear_logprobs(
         picked = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
         return torch.where(valid, picked, torch.zeros_like(picked))
 
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden.device):
         policy_logits = transform.apply(
             F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         )

@@ -1,14 +1,14 @@
 """First-use self-check of the Triton head, behind ``impl="auto"``.
 
-The first time ``auto`` would pick the Triton path for a (device, dtype), :func:`triton_passes_self_check` runs the
-Triton head at its production specialisation (the default token chunk and vocabulary tile, so the fold kernels
-compile with the block configuration and 16-divisible strides real calls use; d = 128) on a probe of 48 rows with
-ignored positions, a vocabulary of one full tile plus a ragged one, a bias, a scale and a soft cap — a frozen shared
-head and a trainable unshared one — and compares its four streams and its gradients with the PyTorch fold on the
-same inputs. A compile error, a launch error or a
-mismatch makes it warn once, naming the device and the error, and ``auto`` uses ``"chunked"`` for that
-(device, dtype) from then on. The result is cached per process; the probe costs milliseconds on a GPU (plus the
-kernels' first compilation, which the real call would pay anyway).
+The first time the planner would pick a Triton plan for a (device, dtype), :func:`triton_passes_self_check` runs
+the Triton folds under the plans a GPU runs — a frozen shared head (lazy reference, direction rescaled in the fold),
+a trainable unshared head recomputing its tiles and one keeping ``P`` — at the production specialisation (the CPU
+tiles, so the kernels compile with 16-divisible strides; d = 128) on a probe of 48 rows with ignored positions, a
+vocabulary of one full tile plus a ragged one, large logits (so references move), a bias, a scale and a soft cap, and
+compares its four streams and its gradients with the PyTorch fold on the same inputs and plan. A compile error, a
+launch error or a mismatch makes it warn once, naming the device and the error, and ``auto`` plans with the PyTorch
+fold for that (device, dtype) from then on. The result is cached per process; the probe costs milliseconds on a GPU
+(plus the kernels' first compilation, which the real call would pay anyway).
 
 Imports torch (triton lazily, through the Triton path itself).
 """
@@ -62,38 +62,41 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton head agrees with the chunked head, else a description of the first disagreement."""
-    from edpo_plugin.ops.chunked import chunked_linear_logprobs
+    from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
+    from edpo_plugin.ops.plan import CPU_TILES, HeadPlan, interpreting
     from edpo_plugin.ops.transform import LogitTransform
 
     g = torch.Generator().manual_seed(0)
-    from edpo_plugin.ops.chunked import DEFAULT_VOCAB_CHUNK
+    n, d, vocab = 48, 128, CPU_TILES[1] + 515
+    tensor_cores = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
-    n, d, vocab = 48, 128, DEFAULT_VOCAB_CHUNK + 515
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
 
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[::5] = -100
     labels = labels.to(device)
-    hidden, ref_hidden = rand(n, d), rand(n, d)
+    hidden, ref_hidden = rand(n, d, s=3.0), rand(n, d, s=3.0)
     weight, ref_weight, bias, ref_bias = rand(vocab, d), rand(vocab, d), rand(vocab), rand(vocab)
     upstream = torch.randn(n, generator=g).to(device)
     transform = LogitTransform(0.5, 30.0)
-    for trainable in (False, True):
+    for head, trainable, keep_probs in (("frozen", False, False), ("trainable", True, False),
+                                        ("trainable (kept P)", True, True)):  # fmt: skip
         results = {}
         for impl in ("triton", "chunked"):
+            plan = HeadPlan(impl, "trainable" if trainable else "frozen", *CPU_TILES, tensor_cores,
+                            dtype if tensor_cores else torch.float32, keep_probs,
+                            interpreted=impl == "triton" and (interpreting() or device.type != "cuda"))  # fmt: skip
             h = hidden.clone().requires_grad_()
             w = weight.clone().requires_grad_(trainable)
             b = bias.clone().requires_grad_(trainable)
             wr, br = (ref_weight, ref_bias) if trainable else (w, b)
             with torch.enable_grad():
-                out = chunked_linear_logprobs(h, w, labels, ref_hidden, wr, 0.05, b, br, -100, transform=transform,
-                                              use_triton=impl == "triton")  # fmt: skip
+                out = fused_linear_logprobs(h, w, labels, ref_hidden, wr, 0.05, b, br, -100, transform=transform,
+                                            request=PlanRequest(plan=plan))  # fmt: skip
                 leaves = [h, w, b] if trainable else [h]
                 grads = torch.autograd.grad((out[0] * upstream).sum(), leaves)
             results[impl] = (tuple(out), grads)
-        head = "trainable" if trainable else "frozen"
         for name, got, want in zip(("policy", "ref", "plus", "minus"), results["triton"][0], results["chunked"][0]):
             if not torch.isfinite(got).all() or _rel(got, want) > STREAM_TOL:
                 return f"{head} head: {name} stream differs from the chunked head by {_rel(got, want):.1e}"

@@ -10,8 +10,8 @@ from trl import DPOConfig
 
 from edpo_plugin.loss import check_epsilon_beta
 from edpo_plugin.ops import IMPLS
-from edpo_plugin.ops.chunked import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 from edpo_plugin.ops.dispatch import check_triton_usable
+from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB
 
 
 @dataclass
@@ -31,11 +31,15 @@ class EpsilonDPOFields:
             "choices": list(IMPLS),
         },
     )
-    edpo_head_token_chunk: int = field(
-        default=DEFAULT_TOKEN_CHUNK, metadata={"help": "Completion tokens per chunk in the fused head."}
+    edpo_head_token_chunk: int | None = field(
+        default=None, metadata={"help": "Completion tokens per chunk in the fused head; None: the planner's."}
     )
-    edpo_head_vocab_chunk: int = field(
-        default=DEFAULT_VOCAB_CHUNK, metadata={"help": "Vocabulary columns per tile in the fused head."}
+    edpo_head_vocab_chunk: int | None = field(
+        default=None, metadata={"help": "Vocabulary columns per tile in the fused head; None: the planner's."}
+    )
+    edpo_head_workspace_mb: int = field(
+        default=DEFAULT_WORKSPACE_MB,
+        metadata={"help": "CUDA: the most memory (MiB) the fused head's plan may hold beyond its inputs and outputs."},
     )
     edpo_head_check: bool = field(
         default=True,
@@ -110,6 +114,6 @@ def validate_edpo_args(args: Any) -> None:
         check_triton_usable("cuda" if on_cuda else "cpu", "edpo_head='triton'")
     if args.edpo_share_prompt and not args.padding_free:
         raise ValueError("edpo_share_prompt=True shares prompts inside packed rows: it needs padding_free=True.")
-    for name in ("edpo_head_token_chunk", "edpo_head_vocab_chunk"):
-        if int(getattr(args, name)) < 1:
+    for name in ("edpo_head_token_chunk", "edpo_head_vocab_chunk", "edpo_head_workspace_mb"):
+        if getattr(args, name) is not None and int(getattr(args, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)!r}.")

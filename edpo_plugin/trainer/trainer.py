@@ -243,6 +243,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk,
                 vocab_chunk=self.args.edpo_head_vocab_chunk,
+                workspace_mb=self.args.edpo_head_workspace_mb,
             )
 
         # The policy head runs as lm_head's own forward, so that ZeRO-3 / FSDP gather its weight for the forward
@@ -403,6 +404,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, bias=bias,
                 ref_bias=bias, epsilon=self.args.epsilon, transform=view.transform, impl=self.args.edpo_head,
                 token_chunk=self.args.edpo_head_token_chunk, vocab_chunk=self.args.edpo_head_vocab_chunk,
+                workspace_mb=self.args.edpo_head_workspace_mb,
             ).policy  # fmt: skip
 
         def own(forward_model: torch.nn.Module, view: HeadView):

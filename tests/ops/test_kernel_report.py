@@ -1,6 +1,7 @@
-"""Every Triton fold kernel of the head, compiled ahead of time for sm_80 and sm_90 with the launch's block sizes
-and the specialisation of a full production tile (scripts/kernel_report.py; no GPU needed), is spill-free and fits
-the architecture's shared memory and registers."""
+"""Every Triton kernel of the head (the tile fold in each of its forms, both backward folds, the target logits and the
+direction's finish), compiled ahead of time for sm_80 and sm_90 with the launch's block sizes and the specialisation
+of a full tile of the 8B shape's plan (scripts/kernel_report.py; no GPU needed), is spill-free and fits the
+architecture's shared memory and registers."""
 
 from __future__ import annotations
 
@@ -28,10 +29,20 @@ def rows(tmp_path_factory):
     return json.loads(out.read_text())["rows"]
 
 
-def test_every_fold_kernel_compiles_for_both_architectures(rows):
+KERNELS = {"_fold_kernel", "_grad_fold_kernel", "_grad_probs_kernel", "_target_kernel", "_finish_kernel"}
+
+
+def test_every_kernel_compiles_for_both_architectures(rows):
     for arch in ("sm_80", "sm_90"):
-        assert {r["kernel"] for r in rows if r["arch"] == arch} == {"_fold_kernel", "_grad_fold_kernel"}
-    assert len(rows) == 24  # 4 variants × 3 dtypes × 2 architectures
+        assert {r["kernel"] for r in rows if r["arch"] == arch} == KERNELS
+    assert len(rows) == 54  # 9 variants × 3 dtypes × 2 architectures
+
+
+def test_every_triton_kernel_of_the_head_is_reported():
+    from edpo_plugin.ops import triton_fold
+
+    jitted = {name for name in dir(triton_fold) if name.startswith("_") and name.endswith("_kernel")}
+    assert jitted == KERNELS
 
 
 def test_no_spills_and_resources_fit(rows):

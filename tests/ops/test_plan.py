@@ -1,0 +1,261 @@
+"""The planner's kernel list (``edpo_plugin.ops.launches.launches``, what the cost model sums) against an independent
+count of what the engine really dispatches: every PyTorch op through a ``TorchDispatchMode`` written here, with its own
+byte rules (an op reads its tensor inputs and writes its outputs; indexing ops touch only the rows they index; views
+are free), and every Triton launch with the bytes its loads and stores really touch (counted inside Triton's
+interpreter, mask by mask). Tensor-core plans run on the meta device (CUDA's GEMM policy needs no GPU there); CPU
+plans and the Triton kernels run on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from edpo_plugin.ops import LogitTransform, linear_logprobs, triton_available
+from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
+from edpo_plugin.ops.launches import launches
+from edpo_plugin.ops.plan import HeadPlan, HeadShape
+
+FREE = {
+    "view", "_unsafe_view", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "as_strided",
+    "alias", "permute", "detach", "unbind", "split", "narrow", "lift_fresh", "_reshape_alias", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "split_with_sizes",
+}  # fmt: skip
+GEMMS = {"mm", "addmm", "bmm", "baddbmm"}
+CREATE = {"zeros", "full", "new_zeros", "zeros_like", "full_like", "fill_", "zero_"}
+
+
+def _bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _all(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _all(o)
+
+
+@dataclass
+class Count:
+    launches: int = 0
+    syncs: int = 0
+    tc_flops: int = 0
+    simt_flops: int = 0
+    bytes: int = 0
+    log: list = field(default_factory=list)
+
+    def add(self, name: str, nbytes: int, launch: bool = True) -> None:
+        self.launches += int(launch)
+        self.bytes += int(nbytes)
+        self.log.append((name, int(nbytes)))
+
+
+class Dispatched(TorchDispatchMode):
+    """Counts launches, host syncs, GEMM flops (tensor-core / fp32) and bytes of every op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = Count()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        c = self.count
+        if name in FREE:
+            return out
+        if name == "_local_scalar_dense":
+            c.syncs += 1
+            return out
+        result = kwargs.get("out", out)
+        if name.rstrip("_") in GEMMS:
+            a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+            flops = 2 * (a.shape[0] if a.dim() == 3 else 1) * a.shape[-2] * a.shape[-1] * b.shape[-1]
+            if a.dtype in (torch.bfloat16, torch.float16):
+                c.tc_flops += flops
+            else:
+                c.simt_flops += flops
+            accumulated = _bytes(args[0]) if name.startswith("addmm") or name.startswith("baddbmm") else 0
+            c.add(name, _bytes(a) + _bytes(b) + _bytes(result) + accumulated)
+        elif name == "nonzero":
+            c.syncs += 1
+            c.add(name, _bytes(args[0]) + _bytes(out))
+        elif name in CREATE:
+            c.add(name, _bytes(result))
+        elif name in ("index_select", "gather"):
+            c.add(name, _bytes(args[2]) + 2 * _bytes(out))
+        elif name in ("index_copy_", "scatter_"):
+            c.add(name, _bytes(args[2]) + 2 * _bytes(args[3]))
+        elif name in ("index_add_", "scatter_add_"):
+            c.add(name, _bytes(args[2]) + 3 * _bytes(args[3]))
+        elif name == "copy_":
+            c.add(name, _bytes(args[1]) + _bytes(args[0]))
+        else:
+            read = sum(_bytes(t) for t in _all(args)) + sum(_bytes(v) for k, v in kwargs.items() if k != "out")
+            write = _bytes(args[0]) if name.endswith("_") else sum(_bytes(t) for t in _all(result))
+            c.add(name, read + write)
+        return out
+
+
+@contextlib.contextmanager
+def triton_counted(count: Count):
+    """Every interpreted Triton launch: one launch, and the bytes its masked loads and stores touch."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    real_load, real_store, real_run = builder.create_masked_load, builder.create_masked_store, None
+    touched = [0]
+
+    def load(self, ptrs, mask, other, cache_policy, is_volatile):
+        touched[0] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(self, ptrs, value, mask, cache_policy):
+        touched[0] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return real_store(self, ptrs, value, mask, cache_policy)
+
+    real_run = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        touched[0] = 0
+        with _disable_current_modes():
+            result = real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        count.add(self.__name__, touched[0])
+        return result
+
+    builder.create_masked_load, builder.create_masked_store = load, store
+    interpreter.InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        builder.create_masked_load, builder.create_masked_store = real_load, real_store
+        interpreter.InterpretedFunction.run = real_run
+
+
+def _planned(plan: HeadPlan, shape: HeadShape, checks: bool) -> Count:
+    kernels = launches(plan, shape, moved=0.0, checks=checks)
+    return Count(launches=sum(k.count for k in kernels if k.kind != "sync"),
+                 syncs=sum(k.count for k in kernels if k.kind == "sync"),
+                 tc_flops=sum(k.flops * k.count for k in kernels if k.kind == "gemm" and k.tensor_cores),
+                 simt_flops=sum(k.flops * k.count for k in kernels if k.kind == "gemm" and not k.tensor_cores),
+                 bytes=sum(k.bytes * k.count for k in kernels))  # fmt: skip
+
+
+def _assert_same(planned: Count, counted: Count, what: str) -> None:
+    for name in ("launches", "syncs", "tc_flops", "simt_flops", "bytes"):
+        assert getattr(planned, name) == getattr(counted, name), f"{what}: {name} planned {getattr(planned, name)}, " \
+            f"dispatched {getattr(counted, name)}; dispatched ops: {counted.log}"  # fmt: skip
+
+
+def _tensors(shape: HeadShape, device: torch.device, scale: float = 1.0):
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab, dtype = shape.tokens, shape.dim, shape.vocab, shape.dtype
+
+    def rand(*size, grad=False):
+        if device.type == "meta":
+            return torch.empty(*size, dtype=dtype, device=device).requires_grad_(grad)
+        return (scale * torch.randn(*size, generator=g)).to(dtype).requires_grad_(grad)
+
+    trainable = shape.head == "trainable"
+    h, hr = rand(n, d, grad=True), rand(n, d)
+    w = rand(vocab, d, grad=trainable)
+    wr = w if shape.shared else rand(vocab, d)
+    b = rand(vocab, grad=trainable) if shape.bias else None
+    br = (b if shape.shared else rand(vocab)) if shape.ref_bias else None
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device) if device.type != "meta" else torch.empty(
+        n, dtype=torch.int64, device=device)  # fmt: skip
+    leaves = [h] + ([w] + ([b] if b is not None else []) if trainable else [])
+    return h, w, b, hr, wr, br, labels, leaves
+
+
+@pytest.fixture
+def meta_nonzero():
+    """nonzero on the meta device: every label valid (all positions scored), as the planned shape says."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
+
+
+META_CASES = {
+    # name: head, shared, bias, transform, token chunk, vocabulary tile, keep P
+    "frozen-shared": ("frozen", True, False, (1.0, None), 16, 128, False),
+    "frozen-unshared-bias-cap": ("frozen", False, True, (0.5, 30.0), 16, 128, False),
+    "frozen-one-chunk-scale": ("frozen", True, False, (0.5, None), 64, 128, False),
+    "trainable-chunks": ("trainable", False, False, (1.0, None), 16, 128, False),
+    "trainable-one-chunk-bias-cap": ("trainable", False, True, (0.5, 30.0), 64, 128, False),
+    "trainable-kept-P": ("trainable", False, False, (0.5, None), 16, 128, True),
+    "trainable-kept-P-bias-cap": ("trainable", False, True, (0.5, 30.0), 16, 96, True),
+}
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_tensor_core_plans_dispatch_what_they_plan(case, meta_nonzero):
+    """The GPU plans' GEMM policy (bf16 operands, fp32 output, kept P in bf16) on the meta device, with the PyTorch
+    fold: launches, host syncs, tensor-core and fp32 GEMM flops, and bytes equal the plan's list exactly."""
+    head, shared, bias, transform, token_chunk, vocab_chunk, keep = META_CASES[case]
+    shape = HeadShape(tokens=40, valid=40, dim=24, vocab=300, dtype=torch.bfloat16, head=head, shared=shared,
+                      bias=bias, ref_bias=bias, transform=LogitTransform(*transform))  # fmt: skip
+    plan = HeadPlan("chunked", head, token_chunk, vocab_chunk, True, torch.bfloat16, keep_probs=keep)
+    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("meta"))
+    mode = Dispatched()
+    with mode:
+        out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, transform=shape.transform,
+                                    request=PlanRequest(plan=plan))  # fmt: skip
+        torch.autograd.grad(out[0], leaves, torch.empty(shape.tokens, device="meta"))
+    _assert_same(_planned(plan, shape, checks=False), mode.count, case)
+
+
+CPU_CASES = {
+    # name: impl, dtype, head, shared, bias, transform, kept P
+    "chunked-fp32-frozen": ("chunked", torch.float32, "frozen", True, False, (1.0, None), False),
+    "chunked-bf16-trainable-bias": ("chunked", torch.bfloat16, "trainable", False, True, (0.5, None), False),
+    "triton-fp32-frozen-cap": ("triton", torch.float32, "frozen", True, True, (0.5, 30.0), False),
+    "triton-bf16-frozen-unshared": ("triton", torch.bfloat16, "frozen", False, False, (1.0, None), False),
+    "triton-fp32-trainable-bias-cap": ("triton", torch.float32, "trainable", False, True, (0.5, 30.0), False),
+    "triton-fp32-trainable-kept-P": ("triton", torch.float32, "trainable", False, True, (0.5, None), True),
+}
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_cpu_plans_dispatch_what_they_plan(case):
+    """CPU plans through ``linear_logprobs`` (label check included; kept P through the fused function), the Triton
+    kernels counted by the loads and stores they perform under the interpreter: equal to the plan's list."""
+    impl, dtype, head, shared, bias, transform, keep = CPU_CASES[case]
+    if impl == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    # small logits: no row's reference moves after the target's logit (the plan is evaluated with moved = 0)
+    shape = HeadShape(tokens=50, valid=50, dim=20, vocab=300, dtype=dtype, head=head, shared=shared, bias=bias,
+                      ref_bias=bias, transform=LogitTransform(*transform))  # fmt: skip
+    plan = HeadPlan(impl, head, 32, 128, False, torch.float32, keep_probs=keep, interpreted=impl == "triton")
+    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("cpu"), scale=0.3)
+    upstream = torch.randn(shape.tokens)
+    mode = Dispatched()
+    with triton_counted(mode.count) if impl == "triton" else contextlib.nullcontext(), mode:
+        if keep:
+            out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, transform=shape.transform,
+                                        request=PlanRequest(plan=plan))  # fmt: skip
+        else:
+            out = linear_logprobs(h, w, labels, ref_hidden=hr, ref_weight=wr, bias=b, ref_bias=br, epsilon=0.1,
+                                  transform=shape.transform, impl=impl, token_chunk=32, vocab_chunk=128)  # fmt: skip
+        torch.autograd.grad(out[0], leaves, upstream)
+    _assert_same(_planned(plan, shape, checks=not keep), mode.count, case)
+
+
+def test_the_counter_sees_a_missing_kernel(meta_nonzero):
+    """The comparison is not vacuous: the same run against the plan of a different vocabulary tile disagrees."""
+    shape = HeadShape(tokens=40, valid=40, dim=24, vocab=300, dtype=torch.bfloat16, head="frozen")
+    plan = HeadPlan("chunked", "frozen", 16, 128, True, torch.bfloat16)
+    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("meta"))
+    mode = Dispatched()
+    with mode:
+        out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, request=PlanRequest(plan=plan))
+        torch.autograd.grad(out[0], leaves, torch.empty(shape.tokens, device="meta"))
+    with pytest.raises(AssertionError, match="launches planned"):
+        _assert_same(_planned(HeadPlan("chunked", "frozen", 16, 64, True, torch.bfloat16), shape, False),
+                     mode.count, "wrong tile")  # fmt: skip
