@@ -3,7 +3,7 @@ the padded, packed and shared-prompt layouts of the HH harmless pairs: no GPU in
 
 Each micro-batch (``--pairs`` pairs, taken in the order ``docs/padding_ratio_hh_512.json`` lists them: random, seed
 0, every pair that fits in 512 tokens with SmolLM2's chat template — a stand-in for Llama-3's) is modelled kernel by
-kernel with :mod:`edpo_plugin.ops.plan`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 · BW))`` + a
+kernel with :mod:`edpo_plugin.ops.cost_model`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 · BW))`` + a
 launch each; its GEMM efficiencies, GPUs and launch cost):
 
 - **backbone GEMMs** on the positions each layout runs (padded: ``2B × T``; packed: the real tokens; shared: the
@@ -15,7 +15,7 @@ launch each; its GEMM efficiencies, GPUs and launch cost):
   backward, at :data:`FLASH_EFFICIENCY` of the tensor-core peak;
 - **elementwise** (RMSNorms, RoPE, residual adds, SiLU · up, LoRA adds): bf16 bytes per position, memory-bound;
 - **the head**: the planner's own plan for a frozen head (LoRA) on that micro-batch's completion tokens, its
-  kernels summed by the same model (``plan.best_plan``, ``plan.launches``).
+  kernels summed by the same model (``dispatch.best_plan``, ``launches.launches``).
 
     python scripts/step_model.py --json docs/step_model.json
 """
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from edpo_plugin.ops import plan
-from edpo_plugin.ops.plan import GPUS, HeadShape, Kernel
+from edpo_plugin.ops.cost_model import GPUS, LAUNCH_S, SYNC_S, Kernel, plan_seconds
+from edpo_plugin.ops.dispatch import best_plan
+from edpo_plugin.ops.launches import launches
+from edpo_plugin.ops.plan import DEFAULT_WORKSPACE_MB, HeadShape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +63,9 @@ class Backbone:
 # as measured in the FlashAttention-3 paper (Shah et al., 2024), about 350 of 989 TF/s forward. Assumed, not measured
 # here.
 FLASH_EFFICIENCY = {"H100": (0.35, 0.30), "A100": (0.70, 0.60)}
-ELEMENTWISE_PASSES = {"dim": 14, "ffn": 3}  # bf16 tensors of width d / ffn read or written per position, forward
+# bf16 tensors of width d / ffn read or written per position and layer in a forward (two RMSNorms, RoPE on q and k,
+# two residual adds, SiLU · up), over that many launches; a backward moves twice the bytes in twice the launches
+ELEMENTWISE_PASSES = {"dim": 14, "ffn": 3, "launches": 8}
 
 
 def _gemm(phase: str, name: str, m: int, k: int, n: int, count: int = 1, accumulate: bool = False) -> Kernel:
@@ -88,8 +92,10 @@ def backbone_kernels(model: Backbone, positions: int, lora: bool, backward: bool
             kernels.append(Kernel(phase, f"{name} lora add", "torch", bytes=3 * 2 * positions * d_out,
                                   count=model.layers))  # fmt: skip
     passes = ELEMENTWISE_PASSES["dim"] * model.dim + ELEMENTWISE_PASSES["ffn"] * model.ffn
+    launches_per_layer = ELEMENTWISE_PASSES["launches"] * (2 if backward else 1)
     kernels.append(Kernel(phase, "norms, rope, residuals, silu·up", "torch",
-                          bytes=2 * positions * passes * (2 if backward else 1), count=8 * model.layers))  # fmt: skip
+                          bytes=2 * positions * passes * (2 if backward else 1) // launches_per_layer,
+                          count=launches_per_layer * model.layers))  # fmt: skip
     return kernels
 
 
@@ -97,7 +103,7 @@ def attention_seconds(model: Backbone, score_pairs: int, gpu: str, backward: boo
     """FlashAttention-2 over ``score_pairs`` causal (query, key) pairs, all layers."""
     flops = 4 * model.heads * model.head_dim * score_pairs * model.layers * (2.5 if backward else 1.0)
     efficiency = FLASH_EFFICIENCY[gpu][1 if backward else 0]
-    return flops / (efficiency * GPUS[gpu].tc_flops) + model.layers * plan.LAUNCH_S
+    return flops / (efficiency * GPUS[gpu].tc_flops) + model.layers * LAUNCH_S
 
 
 def layouts(batch: list[list[int]]) -> dict[str, dict[str, int]]:
@@ -126,17 +132,17 @@ def step_seconds(model: Backbone, layout: dict[str, int], gpu: str, packed: bool
     policy = backbone_kernels(model, n, lora=True, backward=False)
     parts = {
         # forward, recomputed in backward (gradient checkpointing), and the input-gradient backward
-        "policy GEMMs + elementwise": 2 * plan.plan_seconds(policy, g)
-        + plan.plan_seconds(backbone_kernels(model, n, lora=True, backward=True), g),
-        "reference GEMMs + elementwise": plan.plan_seconds(backbone_kernels(model, n, lora=False, backward=False), g),
+        "policy GEMMs + elementwise": 2 * plan_seconds(policy, g)
+        + plan_seconds(backbone_kernels(model, n, lora=True, backward=True), g),
+        "reference GEMMs + elementwise": plan_seconds(backbone_kernels(model, n, lora=False, backward=False), g),
         "attention": 3 * attention_seconds(model, layout["scores"], gpu, False)
         + attention_seconds(model, layout["scores"], gpu, True),
     }
     shape = HeadShape(tokens=layout["labels"], valid=layout["labels"], dim=model.dim, vocab=model.vocab,
                       dtype=torch.bfloat16, head="frozen")  # fmt: skip
-    head_plan = plan.best_plan(shape, ("triton",), g, plan.DEFAULT_WORKSPACE_MB << 20)
-    parts["head (planner)"] = plan.plan_seconds(plan.launches(head_plan, shape), g)
-    parts["packing (one host sync)"] = plan.SYNC_S if packed else 0.0
+    head_plan = best_plan(shape, ("triton",), g, DEFAULT_WORKSPACE_MB << 20)
+    parts["head (planner)"] = plan_seconds(launches(head_plan, shape), g)
+    parts["packing (one host sync)"] = SYNC_S if packed else 0.0
     parts["total"] = sum(parts.values())
     return parts
 
@@ -150,7 +156,7 @@ def main() -> None:
     pairs = json.loads(Path(args.lengths).read_text())["data"]["pair_lengths"]
     batches = [pairs[i : i + args.pairs] for i in range(0, len(pairs) - args.pairs + 1, args.pairs)]
     model = Backbone()
-    result = {"meta": {"date": date.today().isoformat(), "model": "modelled (per-kernel, edpo_plugin.ops.plan)",
+    result = {"meta": {"date": date.today().isoformat(), "model": "modelled (per-kernel, edpo_plugin.ops.cost_model)",
                        "command": "python scripts/step_model.py" + (f" --json {args.json}" if args.json else ""),
                        "lengths": str(Path(args.lengths).relative_to(REPO)), "pairs_per_micro_batch": args.pairs,
                        "micro_batches": len(batches), "backbone": "Llama-3-8B, LoRA r 16 on every linear layer, "

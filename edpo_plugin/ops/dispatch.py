@@ -91,6 +91,8 @@ def choose_plan(
     ``"triton"``."""
     if impl not in ("auto", "chunked", "triton"):
         raise ValueError(f"the fused head's impl must be 'auto', 'chunked' or 'triton', got {impl!r}.")
+    if impl == "triton":
+        check_triton_usable(device.type)
     if device.type != "cuda":
         return cpu_plan(shape, "chunked" if impl == "auto" else impl, token_chunk, vocab_chunk)
     budget = int(workspace_mb if workspace_mb is not None else DEFAULT_WORKSPACE_MB) * 2**20
