@@ -5,7 +5,8 @@
 #   bash scripts/gpu_suite.sh            # on the GPU (carry .gpu-wheels if prepared): parity, calibration, timings
 #   bash scripts/gpu_suite.sh dry-run    # here, no GPU: the suite's Python on CPU (tiny shapes, Triton interpreted)
 #
-# Writes $OUT/gpu_parity.json (every kept path and plan against float64 on the GPU, bit identity when policy ==
+# Writes $OUT/bench_padding_free_gpu.json (the real varlen kernel against the float64 reference; padded / packed /
+# shared step times on 8B-width layers: scripts/gpu_padding_free.py), $OUT/gpu_parity.json (every kept path and plan against float64 on the GPU, bit identity when policy ==
 # reference) and $OUT/bench_head_gpu.json (the planner's plan at the 8B shape and two alternatives, frozen and
 # trainable, each with its modelled time; the GEMM efficiencies and HBM fraction this GPU measures: the
 # "calibration" block edpo_plugin.ops.cost_model.calibrated reads), to be committed as docs/gpu_parity.json and
@@ -25,6 +26,7 @@ start=$(date +%s)
 if [ "${1:-run}" = dry-run ]; then
   TRITON_INTERPRET=1 python scripts/gpu_parity.py --device cpu --small --json "$OUT/gpu_parity_dry.json" | tail -4
   TRITON_INTERPRET=1 python scripts/bench_head.py --gpu-suite --dry-run --json "$OUT/bench_head_dry.json" | tail -12
+  python scripts/gpu_padding_free.py | tail -6
   echo "dry run took $(( $(date +%s) - start )) s"
   exit 0
 fi
@@ -32,6 +34,7 @@ if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
   python -m pip install -q --no-deps --no-index .gpu-wheels/*.whl 2>&1 | tail -2 || echo "peer wheels not installed"
 fi
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/gpu.txt"
-timeout 240 python scripts/gpu_parity.py --json "$OUT/gpu_parity.json" || echo "PARITY FAILED or timed out (see the table)"
-timeout 330 python scripts/bench_head.py --gpu-suite --json "$OUT/bench_head_gpu.json" || echo "BENCH FAILED or timed out"
+timeout 180 python scripts/gpu_parity.py --json "$OUT/gpu_parity.json" || echo "PARITY FAILED or timed out (see the table)"
+timeout 200 python scripts/bench_head.py --gpu-suite --json "$OUT/bench_head_gpu.json" || echo "BENCH FAILED or timed out"
+timeout 60 python scripts/gpu_padding_free.py --json "$OUT/bench_padding_free_gpu.json" || echo "PADDING-FREE FAILED or timed out"
 echo "suite took $(( $(date +%s) - start )) s"
