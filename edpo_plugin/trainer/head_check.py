@@ -20,10 +20,20 @@ times the largest logit.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
+from trl.trainer.utils import use_adapter
+
+from edpo_plugin.trainer.batch import BatchLayout, MicroBatch
+from edpo_plugin.trainer.distributed import fsdp_unit_gathered, is_wrapped, run_as_forward_of
+from edpo_plugin.trainer.forwards import Backbones, Forwards
+from edpo_plugin.trainer.model_head import HeadView
+
+logger = logging.getLogger(__name__)
 
 CHECK_COMPLETION_TOKENS = 16
 CHECK_MAX_TOKENS = 256  # the padded check's row
@@ -164,3 +174,115 @@ def compare_with_model(own: OwnForward, fused_logprobs: torch.Tensor, what: str,
             "edpo_head_check=False only if you know better."
         )
     return worst
+
+
+# ------------------------------------------------------------------------------------------ the check, as trained
+
+
+class CheckSide(NamedTuple):
+    """One model of the check: the forward that is the yardstick, and what training's path gave for it."""
+
+    what: str  # "LlamaForCausalLM (policy)"
+    own_forward: torch.nn.Module  # called per row: the model's own plain forward
+    view: HeadView  # its head, as training reads it
+    hidden: torch.Tensor  # training's head input for the check batch (no grad)
+    adapters: bool  # whether its head weights are read with adapters on
+    gather: Callable[[], contextlib.AbstractContextManager]  # gathers its sharded units for the head's read
+    peft_reference: bool  # the policy with its adapters off (PEFT) is this model
+
+
+def check_batch(layout: BatchLayout, inputs: dict[str, torch.Tensor]) -> tuple[MicroBatch, list[torch.Tensor]] | None:
+    """``(the batch the check runs, each row's real tokens [1, L] with L ≥ 2)``, or None when there is no row with a
+    label. Padded: one short row (:func:`check_row`); padding-free: the whole micro-batch packed as training packs it,
+    every next token a label."""
+    if layout.padding_free:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        batch = layout.lay_out({"input_ids": ids, "attention_mask": mask}, scored=None)
+    else:
+        row = check_row(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        if row is None:
+            return None
+        ids, mask = row
+        batch = layout.lay_out({"input_ids": ids, "attention_mask": mask}, scored=None)
+    rows = [ids[i : i + 1, mask[i].bool()] for i in range(ids.shape[0]) if int(mask[i].sum()) >= 2]
+    return (batch, rows) if rows else None
+
+
+def own_logprobs(side: CheckSide, rows: list[torch.Tensor]) -> OwnForward:
+    """The model's own forward, one unpadded row at a time, as the yardstick."""
+    parts = []
+    for row in rows:
+        kwargs = {"input_ids": row, "attention_mask": torch.ones_like(row), "use_cache": False}
+        forward = functools.partial(_logits, side.own_forward, kwargs)
+        parts.append(own_forward_logprobs(forward, side.view.module, row[:, 1:], side.view.transform.scale))
+    return merge_own(parts)
+
+
+def _logits(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    return model(**kwargs).logits
+
+
+def fused_logprobs(backbones: Backbones, side: CheckSide, batch: MicroBatch) -> torch.Tensor:
+    """The fused head's policy stream on training's head input for ``side`` (its reference: itself)."""
+    weight, bias = side.view.weight_and_bias(adapters=side.adapters)
+    hidden = batch.head_input(side.hidden)
+    return backbones.fused(hidden, weight, bias, batch.labels, side.view).policy
+
+
+def check_side(backbones: Backbones, side: CheckSide, batch: MicroBatch, rows: list[torch.Tensor], packed: bool,
+               unwrapped: torch.nn.Module) -> float:  # fmt: skip
+    """Compare one model's fused head with its own forward (:func:`compare_with_model`); the largest difference."""
+    adapter = "ref" if side.peft_reference and "ref" in unwrapped.peft_config else None
+    own_context = use_adapter(unwrapped, adapter_name=adapter) if side.peft_reference else contextlib.nullcontext()
+    with own_context:
+        own = own_logprobs(side, rows)
+    with side.gather():
+        got = run_as_forward_of(side.view.module, functools.partial(fused_logprobs, backbones, side, batch))
+    return compare_with_model(own, got, side.what, packed=packed)
+
+
+def run_check(backbones: Backbones, layout: BatchLayout, model: torch.nn.Module, unwrapped: torch.nn.Module,
+              inputs: dict[str, torch.Tensor], redirect: Callable) -> bool:  # fmt: skip
+    """The first-step check on one micro-batch (see the module docstring), on every rank (its forwards take the same
+    collectives everywhere); False when the micro-batch has no row to check (the next one is checked then).
+    ``model``: the trainer's (maybe wrapped) model, ``unwrapped`` the module inside; ``redirect``: TRL's forward
+    redirection, to run training's path inside a wrapper's forward."""
+    picked = check_batch(layout, inputs)
+    if picked is None:
+        return False
+    batch, rows = picked
+    ref_model = backbones.ref_model
+    models = [unwrapped] + ([] if ref_model is None else [backbones.accelerator.unwrap_model(ref_model)])
+    with dropout_off(models), torch.no_grad(), backbones.accelerator.autocast():
+        if is_wrapped(model, unwrapped):
+            forwards = redirect(model, unwrapped, backbones.run, unwrapped, batch, True, False)
+        else:
+            forwards = backbones.run(model, batch, False, False)
+        forwards.ref_gathered.close()
+        worst = [(side.what, check_side(backbones, side, batch, rows, layout.padding_free, unwrapped))
+                 for side in _sides(model, ref_model, forwards)]  # fmt: skip
+    for what, difference in worst:
+        logger.info("ε-DPO head check, %s: fused head within %.3g nats of the model's own log-probs.", what, difference)
+    return True
+
+
+def _sides(model: torch.nn.Module, ref_model: torch.nn.Module | None, forwards: Forwards) -> list[CheckSide]:
+    name = type(forwards.view.causal_lm).__name__
+    policy_units = functools.partial(fsdp_unit_gathered, model)
+    policy = CheckSide(f"{name} (policy)", model, forwards.view, forwards.policy.hidden, True, policy_units, False)
+    if ref_model is None:  # PEFT: the policy with its adapters off
+        reference = CheckSide(f"{name} (reference)", model, forwards.view, forwards.ref_hidden, False, policy_units,
+                              True)  # fmt: skip
+    else:
+        units = functools.partial(_gathered, ref_model, forwards.ref_view.module)
+        reference = CheckSide(f"{name} (reference)", ref_model, forwards.ref_view, forwards.ref_hidden,
+                              forwards.ref_adapters, units, False)  # fmt: skip
+    return [policy, reference]
+
+
+@contextlib.contextmanager
+def _gathered(*modules: torch.nn.Module) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(fsdp_unit_gathered(module))
+        yield

@@ -28,11 +28,16 @@ packed forward: the packed attention counts its calls (:class:`~edpo_plugin.trai
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Iterable
 
 import torch
 from accelerate.utils import is_peft_model
+
+from edpo_plugin.trainer.packed_attention import can_share_prefixes, use_packed_attention
+
+logger = logging.getLogger(__name__)
 
 # transformers' attention implementations that ε-DPO's packed attention replaces during padding-free training
 PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -71,23 +76,59 @@ def packing_obstacles(model: torch.nn.Module, attention: str | None = None) -> l
     return obstacles
 
 
-def check_packable(model: torch.nn.Module, batch_keys: Iterable[str] = (), attention: str | None = None) -> None:
-    """Refuse, naming the class, each feature and the fix, a model (or PEFT model) or batch that a packed forward
-    cannot run exactly (:func:`packing_obstacles`), or batches carrying per-row inputs beyond the token ids."""
+def check_packable(model: torch.nn.Module, attention: str | None = None) -> None:
+    """Refuse, naming the class, each feature and the fix, a model (or PEFT model) that a packed forward cannot run
+    exactly (:func:`packing_obstacles`)."""
     causal_lm = model.base_model.model if is_peft_model(model) else model
-    name = type(causal_lm).__name__
     obstacles = packing_obstacles(model, attention)
     if obstacles:
         raise ValueError(
-            f"padding_free=True would train {name} on a different objective: its forward depends on the packed row "
-            f"through {'; '.join(obstacles)}. Set padding_free=False (Axolotl: dpo_padding_free: false)."
+            f"padding_free=True would train {type(causal_lm).__name__} on a different objective: its forward depends "
+            f"on the packed row through {'; '.join(obstacles)}. Set padding_free=False (Axolotl: dpo_padding_free: "
+            "false)."
         )
+
+
+def check_packable_keys(batch_keys: Iterable[str]) -> None:
+    """Refuse batches carrying per-row inputs beyond the token ids (``pixel_values``, ``token_type_ids``, …)."""
     extra = sorted(set(batch_keys) - PACKABLE_KEYS)
     if extra:
         raise ValueError(
-            f"padding_free=True packs token ids only, but {name}'s batches also carry {extra} (per padded row). "
-            "Set padding_free=False (Axolotl: dpo_padding_free: false) for this model / dataset."
+            f"padding_free=True packs token ids only, but the batches also carry {extra} (per padded row). Set "
+            "padding_free=False (Axolotl: dpo_padding_free: false) for this model / dataset."
         )
+
+
+def prepare_for_packing(models: list[torch.nn.Module], share_prompt: bool | None, router_aux_loss: bool) -> bool:
+    """Padding-free set-up of the policy (PEFT-wrapped or not) and a separate reference: refuse what packing would
+    change (:func:`check_packable`), switch each to ε-DPO's packed attention, and decide ``edpo_share_prompt``
+    (``share_prompt``: None shares prompts when every model can, True requires it, False never); returns whether
+    prompts are shared. Never with a router auxiliary loss: it averages over the tokens the backbone ran, which a
+    shared prompt would count once instead of twice."""
+    causal_lms = [model.base_model.model if is_peft_model(model) else model for model in models]
+    for model, causal_lm in zip(models, causal_lms, strict=True):
+        check_packable(model)
+        attention = use_packed_attention(causal_lm)
+        logger.info("ε-DPO: padding_free=True runs %s's attention as %s, one packed row per micro-batch.",
+                    type(causal_lm).__name__, attention)  # fmt: skip
+    if router_aux_loss:
+        if share_prompt:
+            raise ValueError(
+                "edpo_share_prompt=True would change the MoE router auxiliary loss, which averages over the tokens the "
+                "backbone runs (a shared prompt counts once, not twice). Leave edpo_share_prompt unset or set "
+                "router_aux_loss_coef to 0."
+            )
+        return False
+    unable = [f"{type(m).__name__} ({m.config._attn_implementation})" for m in causal_lms if not can_share_prefixes(m)]
+    if share_prompt and unable:
+        raise ValueError(
+            f"edpo_share_prompt=True needs ε-DPO's packed attention (sdpa, eager or flash_attention_2); not so for "
+            f"{', '.join(unable)}. Leave edpo_share_prompt unset."
+        )
+    share = not unable if share_prompt is None else share_prompt
+    if share:
+        logger.info("ε-DPO: padding_free=True runs each pair's prompt once for both completions.")
+    return share
 
 
 def _peft_obstacles(model: torch.nn.Module) -> list[str]:

@@ -44,6 +44,22 @@ class PackedBatch(NamedTuple):
         """The packed row's forward arguments: token ids, ``position_ids`` and the attention layout (no mask)."""
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, LAYOUT_KWARG: self.layout}
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[1, M, d]`` of the backbone's ``[1, N, d]``: the positions that predict a label."""
+        return hidden[:, self.label_index]
+
+    def sequence_logps(self, token_logps: torch.Tensor) -> torch.Tensor:
+        """float64 ``[R]`` per-row sums of the ``[1, M]`` label log-probs (:func:`segment_logps`)."""
+        return segment_logps(token_logps, self.segment_ids, self.n_rows)
+
+    def forward_done(self, what: str) -> None:
+        """After a forward of this row: every attention layer read the layout (:meth:`PackedLayout.check_reached`)."""
+        self.layout.check_reached(what)
+
+    @property
+    def backbone_positions(self) -> int:
+        return self.input_ids.numel()
+
 
 def pack_rows(
     input_ids: torch.Tensor,

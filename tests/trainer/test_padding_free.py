@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import edpo_plugin.trainer.forwards as forwards_module
 import edpo_plugin.trainer.trainer as trainer_module
 from edpo_plugin.trainer import EpsilonDPOConfig, EpsilonDPOTrainer
 from edpo_plugin.trainer.head_check import HeadMismatchError
@@ -69,7 +71,7 @@ class _Recorder:
 
     def __init__(self, monkeypatch) -> None:
         self.streams, self.outs = [], []
-        real_head, real_loss = trainer_module.linear_logprobs, trainer_module.edpo_loss
+        real_head, real_loss = forwards_module.linear_logprobs, trainer_module.edpo_loss
 
         def head(*args, **kwargs):
             out = real_head(*args, **kwargs)
@@ -81,7 +83,7 @@ class _Recorder:
             self.outs.append(out)
             return out
 
-        monkeypatch.setattr(trainer_module, "linear_logprobs", head)
+        monkeypatch.setattr(forwards_module, "linear_logprobs", head)
         monkeypatch.setattr(trainer_module, "edpo_loss", loss)
 
 
@@ -125,7 +127,7 @@ def _unpacked_attention(models):
 
 
 def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
-    trainer._padding_free = padding_free
+    trainer.batch_layout = dataclasses.replace(trainer.batch_layout, padding_free=padding_free)
     trainer.model.zero_grad(set_to_none=True)
     padded = contextlib.nullcontext() if padding_free else _unpacked_attention([trainer.model, trainer.ref_model])
     with padded:
@@ -139,7 +141,7 @@ def _run_step(trainer, batch, padding_free: bool, recorder: _Recorder):
 def test_same_batch_padded_and_padding_free_agree(tiny_default, tmp_path, monkeypatch, attn, share_prompt):
     recorder = _Recorder(monkeypatch)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn=attn, edpo_share_prompt=share_prompt)
-    assert trainer._share_prompt == share_prompt
+    assert trainer.batch_layout.share_prompt == share_prompt
     with torch.no_grad():  # the policy away from the reference, so that decisions are not all 0
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -188,7 +190,8 @@ def test_flash_attention_model_shares_prompts_and_matches_padded(tiny_default, t
     monkeypatch.setattr(packed_attention, "varlen_kernel", lambda: reference_varlen)
     recorder = _Recorder(monkeypatch)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, attn="flash_attention_2")
-    assert trainer.model.config._attn_implementation == packed_attention.PACKED_FLASH and trainer._share_prompt
+    assert trainer.model.config._attn_implementation == packed_attention.PACKED_FLASH
+    assert trainer.batch_layout.share_prompt
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -213,7 +216,7 @@ def test_moe_router_aux_loss_is_the_padded_one(tiny_default, tmp_path, monkeypat
     the attention mask's ones: the same tokens, so the same auxiliary loss and total loss."""
     recorder = _Recorder(monkeypatch)
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, moe=True, router_aux_loss_coef=0.5)
-    assert trainer.aux_loss_enabled and not trainer._share_prompt  # a shared prompt would count once in it
+    assert trainer.aux_loss_enabled and not trainer.batch_layout.share_prompt  # a shared prompt would count once in it
     with pytest.raises(ValueError, match="edpo_share_prompt=True would change the MoE router auxiliary loss"):
         _trainer(tiny_default, tmp_path / "shared", padding_free=True, moe=True, router_aux_loss_coef=0.5,
                  edpo_share_prompt=True)  # fmt: skip
@@ -244,7 +247,7 @@ def test_four_steps_padded_and_padding_free_give_the_same_beta(tiny_default, tmp
         overrides = {"edpo_share_prompt": share_prompt} if padding_free else {}
         trainer = _trainer(tiny_default, tmp_path / str(padding_free), padding_free=padding_free,
                            gradient_accumulation_steps=2, per_device_train_batch_size=2, **overrides)  # fmt: skip
-        assert trainer._share_prompt == (padding_free and share_prompt is None)
+        assert trainer.batch_layout.share_prompt == (padding_free and share_prompt is None)
         trainer.train()
         runs[padding_free] = (*_betas_and_losses(trainer), trainer.beta_controller.beta)
     (betas_pad, losses_pad, final_pad), (betas_pf, losses_pf, final_pf) = runs[False], runs[True]
@@ -315,7 +318,7 @@ def test_first_step_check_refuses_attention_across_sequences(tiny_default, tmp_p
 
     monkeypatch.setattr(packed_attention, "_per_sequence", _blind_per_sequence(drop))
     trainer = _trainer(tiny_default, tmp_path, padding_free=True, max_steps=1, edpo_head_check=check)
-    assert trainer._share_prompt
+    assert trainer.batch_layout.share_prompt
     if check:
         with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
             trainer.train()
@@ -335,6 +338,7 @@ def test_evaluation_is_checked_too(tiny_default, tmp_path, monkeypatch):
 
 
 def test_unsupported_attention_and_batch_keys_are_refused(tiny_default, tmp_path):
+    from edpo_plugin.trainer.batch import BatchLayout
     from edpo_plugin.trainer.packable import check_packable
 
     tok = AutoTokenizer.from_pretrained(tiny_default["model"])
@@ -347,10 +351,11 @@ def test_unsupported_attention_and_batch_keys_are_refused(tiny_default, tmp_path
             "depends on the packed row through attn_implementation='paged|sdpa'"
         ),
     ):
-        check_packable(model, ())  # fmt: skip
-    model.config._attn_implementation = "sdpa"
-    with pytest.raises(ValueError, match=r"\['pixel_values'\]"):
-        check_packable(model, ["input_ids", "attention_mask", "completion_mask", "pixel_values"])
+        check_packable(model)  # fmt: skip
+    ids = torch.ones(2, 3, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": ids, "completion_mask": ids, "pixel_values": torch.zeros(2, 1)}
+    with pytest.raises(ValueError, match=r"also carry \['pixel_values'\]"):
+        BatchLayout(padding_free=True).lay_out(batch, scored=None)
 
 
 def test_padding_free_switches_to_packed_attention(tiny_default, tmp_path):
@@ -360,28 +365,29 @@ def test_padding_free_switches_to_packed_attention(tiny_default, tmp_path):
     assert trainer.model.config._attn_implementation == PACKED_SDPA
     assert trainer.ref_model.config._attn_implementation == PACKED_SDPA
     assert _trainer(tiny_default, tmp_path / "pad", padding_free=False).model.config._attn_implementation == "sdpa"
-    assert trainer._share_prompt
+    assert trainer.batch_layout.share_prompt
     eager = _trainer(tiny_default, tmp_path / "eager", padding_free=True, attn="eager")
-    assert eager.model.config._attn_implementation == PACKED_EAGER and eager._share_prompt
-    assert not _trainer(tiny_default, tmp_path / "no", padding_free=True, edpo_share_prompt=False)._share_prompt
+    assert eager.model.config._attn_implementation == PACKED_EAGER and eager.batch_layout.share_prompt
+    unshared = _trainer(tiny_default, tmp_path / "no", padding_free=True, edpo_share_prompt=False)
+    assert not unshared.batch_layout.share_prompt
     with pytest.raises(ValueError, match="edpo_share_prompt=True .* needs padding_free=True"):
         EpsilonDPOConfig(output_dir=str(tmp_path), edpo_share_prompt=True, use_cpu=True)
 
 
 def test_per_sequence_sums_are_float64():
-    """The decisions compare sequence sums that differ by O(ε): packed (segment_logps) and padded (sequence_logps)
+    """The decisions compare sequence sums that differ by O(ε): packed (segment_logps) and padded (PaddedBatch)
     sums of fp32 token log-probs are float64, to the last digit of an exact sum (fp32 accumulation of these 4096
     tokens is off by ~1e-3)."""
     import math
 
+    from edpo_plugin.trainer.batch import PaddedBatch
     from edpo_plugin.trainer.packing import segment_logps
-    from edpo_plugin.trainer.trainer import sequence_logps
 
     g = torch.Generator().manual_seed(0)
     tokens = (-3.0 - torch.rand(2, 4096, generator=g)).float()
     exact = [math.fsum(row.double().tolist()) for row in tokens]
     packed = segment_logps(tokens.reshape(1, -1), torch.arange(2).repeat_interleave(4096), 2)
-    for sums in (packed, sequence_logps(tokens)):
+    for sums in (packed, PaddedBatch({}, tokens).sequence_logps(tokens)):
         assert sums.dtype == torch.float64
         assert max(abs(got - want) for got, want in zip(sums.tolist(), exact, strict=True)) <= 1e-9
 

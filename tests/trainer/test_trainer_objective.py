@@ -509,6 +509,7 @@ def test_sequence_sums_are_float64_so_long_completions_keep_their_decisions(tiny
     """4096-token completions whose ε-mixes differ from the policy by ~1e-6 nats a token (ε = 0.01 times a per-token
     log-ratio of 1e-4): fp32 sums of ~2e4 nats round by more than the mixes' whole difference and flip decisions; the
     trainer's decisions must be those of exact (float64) sums of the same fp32 token log-probs."""
+    import edpo_plugin.trainer.forwards as forwards_module
     import edpo_plugin.trainer.trainer as trainer_module
     from edpo_plugin.loss import edpo_loss
     from edpo_plugin.ops import LinearLogprobs
@@ -523,7 +524,7 @@ def test_sequence_sums_are_float64_so_long_completions_keep_their_decisions(tiny
     delta = 4e-6 * (torch.rand(rows, length, generator=g) - 0.5)
     streams = LinearLogprobs(policy.requires_grad_(), policy.detach() - 0.1, policy.detach() + delta,
                              policy.detach() - delta)  # fmt: skip
-    monkeypatch.setattr(trainer_module, "linear_logprobs", lambda *a, **k: streams)
+    monkeypatch.setattr(forwards_module, "linear_logprobs", lambda *a, **k: streams)
     seen = []
     monkeypatch.setattr(trainer_module, "edpo_loss", lambda *a, **k: seen.append(edpo_loss(*a, **k)) or seen[-1])
     trainer.model.train()
