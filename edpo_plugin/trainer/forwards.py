@@ -57,17 +57,22 @@ class Forwards(NamedTuple):
 class Backbones:
     """Runs one micro-batch through the policy and the reference, and the fused head on their head inputs.
 
-    ``accelerator``: the trainer's (autocast, unwrapping); ``ref_model``: the trainer's separate reference or None;
-    ``policy_model``: the trainer's model (gradient checkpointing is switched off for the reference's forward);
-    ``gradient_checkpointing_kwargs``: as in the training args.
+    ``trainer``: the ``DPOTrainer`` whose ``accelerator`` (autocast, unwrapping), ``ref_model`` (a separate reference
+    or None, read at each call: a wrapper may replace it after set-up), ``model`` (gradient checkpointing is switched
+    off for the reference's forward) and ``args.gradient_checkpointing_kwargs`` are used.
     """
 
-    def __init__(self, accelerator, ref_model, policy_model, gradient_checkpointing_kwargs, settings: HeadSettings):
-        self.accelerator = accelerator
-        self.ref_model = ref_model
-        self.policy_model = policy_model
-        self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
+    def __init__(self, trainer: Any, settings: HeadSettings) -> None:
+        self.trainer = trainer
         self.settings = settings
+
+    @property
+    def accelerator(self):
+        return self.trainer.accelerator
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        return self.trainer.ref_model
 
     def head_input(self, model: torch.nn.Module, view: HeadView, kwargs: dict, inside_forward: bool) -> ForwardToHead:
         """The model's own forward up to its output layer (:func:`forward_to_head`), under the accelerator's autocast
@@ -81,7 +86,8 @@ class Backbones:
                   gathered: contextlib.ExitStack) -> tuple[torch.Tensor, HeadView, bool]:  # fmt: skip
         """``(h_ref, reference HeadView, whether its weights are read with adapters)``, without grad. A reference
         sharded by FSDP keeps its root unit (and an lm_head unit) gathered in ``gathered`` until its head is read."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.policy_model, self.gradient_checkpointing_kwargs):
+        policy_model, checkpointing = self.trainer.model, self.trainer.args.gradient_checkpointing_kwargs
+        with torch.no_grad(), disable_gradient_checkpointing(policy_model, checkpointing):
             if self.ref_model is None:  # PEFT: the policy with its adapters disabled (or TRL's "ref" adapter)
                 with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
                     return self.head_input(model, view, kwargs, inside_forward).hidden, view, False

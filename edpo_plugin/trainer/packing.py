@@ -17,6 +17,7 @@ completions' first tokens.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -88,19 +89,7 @@ def pack_rows(
 
     rank = keep.long().cumsum(dim=1) - 1  # each real token's position in its own row
     lengths = keep.sum(dim=1)
-    shared = torch.zeros(n_rows, dtype=torch.long)  # leading tokens a row takes from its partner
-    partner = torch.arange(n_rows)
-    order = torch.arange(n_rows)  # rows in the order they are laid out
-    if share_prefixes:
-        if n_rows % 2:
-            raise ValueError(f"share_prefixes needs chosen and rejected rows in two halves; got {n_rows} rows.")
-        half = n_rows // 2
-        tokens = torch.full((n_rows, width), -1, dtype=ids.dtype)
-        tokens[keep.nonzero(as_tuple=True)[0], rank[keep]] = ids[keep]  # real tokens flushed left
-        same = (tokens[:half] == tokens[half:]) & (tokens[:half] >= 0)
-        shared[half:] = same.long().cumprod(dim=1).sum(dim=1)
-        partner[half:] -= half
-        order = torch.stack((order[:half], order[half:]), dim=1).flatten()
+    shared, partner, order = _shared_prefixes(ids, keep, rank, share_prefixes)
 
     stored = keep & (rank >= shared[:, None])
     stored_lengths = lengths - shared
@@ -122,9 +111,7 @@ def pack_rows(
         if stored_lengths[r] > 0
     )
 
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
+    to_device = functools.partial(torch.Tensor.to, device=device, non_blocking=True)
     return PackedBatch(
         input_ids=to_device(packed_ids.unsqueeze(0)),
         position_ids=to_device(position_ids.unsqueeze(0)),
@@ -134,6 +121,29 @@ def pack_rows(
         n_rows=n_rows,
         layout=PackedLayout.from_segments(segments, device),
     )
+
+
+def _shared_prefixes(
+    ids: torch.Tensor, keep: torch.Tensor, rank: torch.Tensor, share: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int64 ``[R]`` each: the leading tokens a row takes from its partner (0 without ``share``), its partner (the
+    pair's chosen row for a rejected one, else itself), and the rows in the order they are laid out (a pair's two rows
+    side by side when ``share``)."""
+    n_rows, width = keep.shape
+    shared = torch.zeros(n_rows, dtype=torch.long)
+    partner = torch.arange(n_rows)
+    order = torch.arange(n_rows)
+    if not share:
+        return shared, partner, order
+    if n_rows % 2:
+        raise ValueError(f"share_prefixes needs chosen and rejected rows in two halves; got {n_rows} rows.")
+    half = n_rows // 2
+    tokens = torch.full((n_rows, width), -1, dtype=ids.dtype)
+    tokens[keep.nonzero(as_tuple=True)[0], rank[keep]] = ids[keep]  # real tokens flushed left
+    same = (tokens[:half] == tokens[half:]) & (tokens[:half] >= 0)
+    shared[half:] = same.long().cumprod(dim=1).sum(dim=1)
+    partner[half:] -= half
+    return shared, partner, torch.stack((order[:half], order[half:]), dim=1).flatten()
 
 
 def segment_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, n_rows: int) -> torch.Tensor:

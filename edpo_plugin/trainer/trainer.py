@@ -75,8 +75,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         self._check_heads()
         self.beta_controller = BetaController(self.args.beta, self.args.epsilon)
         settings = HeadSettings.from_args(self.args)
-        self.backbones = Backbones(self.accelerator, self.ref_model, self.model,
-                                   self.args.gradient_checkpointing_kwargs, settings)  # fmt: skip
+        self.backbones = Backbones(self, settings)
         if self.is_world_process_zero():
             logger.info("ε-DPO: log-prob head %s.", settings.describe(self.model, self.accelerator.device))
         self.batch_layout = BatchLayout(padding_free, padding_free and self._prepare_for_packing())
