@@ -26,7 +26,7 @@ from trl import DPOTrainer
 from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
-from edpo_plugin.loss import BetaController, edpo_loss
+from edpo_plugin.loss import BetaController, PairLogps, edpo_loss
 from edpo_plugin.ops import linear_logprobs, resolve_impl
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.head_check import (
@@ -256,9 +256,9 @@ class EpsilonDPOTrainer(DPOTrainer):
             sums = [sequence_logps(s) for s in streams]
         else:
             sums = [segment_logps(s, packed.segment_ids, packed.n_rows) for s in streams]
-        policy, ref_lp, plus, minus = (s.chunk(2) for s in sums)  # each (chosen [B], rejected [B])
+        policy, ref_lp, plus, minus = (PairLogps(*s.chunk(2)) for s in sums)  # each (chosen [B], rejected [B])
         out = edpo_loss(
-            policy[0], policy[1], ref_lp[0], ref_lp[1], plus[0], plus[1], minus[0], minus[1],
+            policy=policy, ref=ref_lp, plus=plus, minus=minus,
             beta=self.beta_controller.beta,
             epsilon=self.args.epsilon,
             label_smoothing=self.args.label_smoothing,
