@@ -60,33 +60,43 @@ def pair_betas(beta: float, epsilon: float, decisions: torch.Tensor) -> torch.Te
     return beta / (1.0 + epsilon * decisions.float())
 
 
+class PairLogps(NamedTuple):
+    """Sequence log-probs of ``B`` preference pairs under one model or mix: ``chosen`` and ``rejected``, ``[B]``
+    each (sums over completion tokens)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    @property
+    def logratio(self) -> torch.Tensor:
+        """``log π(y_w|x) − log π(y_l|x)``, ``[B]``."""
+        return self.chosen - self.rejected
+
+
 def edpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    plus_chosen: torch.Tensor,
-    plus_rejected: torch.Tensor,
-    minus_chosen: torch.Tensor,
-    minus_rejected: torch.Tensor,
     *,
+    policy: PairLogps,
+    ref: PairLogps,
+    plus: PairLogps,
+    minus: PairLogps,
     beta: float,
     epsilon: float,
     label_smoothing: float = 0.0,
 ) -> EDPOLossOutput:
-    """Sigmoid DPO loss with per-pair ``β_i``; all inputs are sequence log-probs ``[B]``.
+    """Sigmoid DPO loss with per-pair ``β_i`` from the pairs' sequence log-probs under the policy, the reference and
+    the ``(1+ε)`` / ``(1−ε)`` mixes (the four streams of :class:`edpo_plugin.ops.LinearLogprobs`, summed per
+    sequence), each a :class:`PairLogps` of ``[B]`` tensors; keyword-only, so that no two look-alike groups can trade
+    places silently.
 
-    Gradient flows through ``policy_chosen`` and ``policy_rejected`` only. ``label_smoothing`` is the
-    conservative-DPO ``α``: ``ℓ_i = −(1−α)·log σ(β_i·m_i) − α·log σ(−β_i·m_i)``.
+    Gradient flows through ``policy`` only. ``label_smoothing`` is the conservative-DPO ``α``:
+    ``ℓ_i = −(1−α)·log σ(β_i·m_i) − α·log σ(−β_i·m_i)``.
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing!r}.")
-    decisions = epsilon_decisions(
-        policy_chosen - policy_rejected, plus_chosen - plus_rejected, minus_chosen - minus_rejected
-    )
-    betas = pair_betas(beta, epsilon, decisions).to(policy_chosen.dtype)
-    chosen_logratio = policy_chosen - ref_chosen.detach()
-    rejected_logratio = policy_rejected - ref_rejected.detach()
+    decisions = epsilon_decisions(policy.logratio, plus.logratio, minus.logratio)
+    betas = pair_betas(beta, epsilon, decisions).to(policy.chosen.dtype)
+    chosen_logratio = policy.chosen - ref.chosen.detach()
+    rejected_logratio = policy.rejected - ref.rejected.detach()
     logits = betas * (chosen_logratio - rejected_logratio)
     losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
     if label_smoothing > 0:

@@ -44,8 +44,9 @@ def count(impl: str, head: str, dtype: torch.dtype, n: int = 64, d: int = 32, vo
           keep_probs: bool = False) -> dict:  # fmt: skip
     """Matmul-equivalents of forward + backward of the policy stream for one implementation and head mode
     (``keep_probs``: a trainable head under a plan that keeps P from the forward, as the GPU planner may pick)."""
-    from edpo_plugin.ops import LinearLogprobs, linear_logprobs
+    from edpo_plugin.ops import linear_logprobs
     from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
+    from edpo_plugin.ops.contract import HeadCall, HeadOperands
     from edpo_plugin.ops.plan import CPU_TILES, HeadPlan
 
     g = torch.Generator().manual_seed(0)
@@ -58,8 +59,9 @@ def count(impl: str, head: str, dtype: torch.dtype, n: int = 64, d: int = 32, vo
     with counter:
         if keep_probs:
             plan = HeadPlan(impl, head, *CPU_TILES, False, torch.float32, keep_probs=True, interpreted=impl == "triton")
-            out = LinearLogprobs(*fused_linear_logprobs(hidden, weight, labels, ref_hidden, ref_weight, 0.01, None,
-                                                        None, -100, request=PlanRequest(plan=plan)))  # fmt: skip
+            call = HeadCall(HeadOperands(hidden, weight, None), HeadOperands(ref_hidden, ref_weight, None), labels,
+                            0.01)  # fmt: skip
+            out = fused_linear_logprobs(call, PlanRequest(plan=plan))
         else:
             out = linear_logprobs(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=0.01,
                                   impl=impl)  # fmt: skip

@@ -204,6 +204,7 @@ class Tracer(TorchDispatchMode):
 
 
 def naive_head(head: str, n: int, d: int, vocab: int) -> list[C.Kernel]:
+    from edpo_plugin.ops.contract import HeadCall, HeadOperands
     from edpo_plugin.ops.naive import naive_linear_logprobs
 
     dtype = torch.bfloat16
@@ -213,7 +214,8 @@ def naive_head(head: str, n: int, d: int, vocab: int) -> list[C.Kernel]:
     y = torch.zeros(n, dtype=torch.int64, device=META)
     tracer = Tracer()
     with tracer:
-        out = naive_linear_logprobs(h, w, y, torch.empty_like(h).detach(), wr, EPSILON, None, None, -100)
+        call = HeadCall(HeadOperands(h, w, None), HeadOperands(torch.empty_like(h).detach(), wr, None), y, EPSILON)
+        out = naive_linear_logprobs(call)
         torch.autograd.grad(out[0], [h, w] if head == "trainable" else [h], torch.empty(n, device=META))
     return tracer.kernels
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from edpo_plugin.loss import BetaController, edpo_loss, epsilon_decisions, pair_betas
+from edpo_plugin.loss import BetaController, PairLogps, edpo_loss, epsilon_decisions, pair_betas
+from tests.numerics import BETA_RTOL, LOSS_GRAD_TOL, LOSS_TOL
 from tests.spec_reference import beta_trajectory64, decisions64, loss64
 
 
@@ -39,30 +40,33 @@ def test_loss_rewards_and_gradients_match_float64(alpha):
     pc, pr, rc, rr, plc, plr, mic, mir = _random_pairs(64, 1)
     pc32 = pc.float().requires_grad_()
     pr32 = pr.float().requires_grad_()
-    out = edpo_loss(pc32, pr32, rc.float(), rr.float(), plc.float(), plr.float(), mic.float(), mir.float(),
+    out = edpo_loss(policy=PairLogps(pc32, pr32), ref=PairLogps(rc.float(), rr.float()),
+                    plus=PairLogps(plc.float(), plr.float()), minus=PairLogps(mic.float(), mir.float()),
                     beta=beta, epsilon=eps, label_smoothing=alpha)  # fmt: skip
     s = decisions64(pc, pr, plc, plr, mic, mir)
     assert torch.equal(out.decisions.double(), s)
-    torch.testing.assert_close(out.betas.double(), beta / (1 + eps * s), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.betas.double(), beta / (1 + eps * s), rtol=BETA_RTOL, atol=0)
 
     pc64, pr64 = pc.clone().requires_grad_(), pr.clone().requires_grad_()
     want = loss64(pc64, pr64, rc, rr, s, beta, eps, alpha)
-    torch.testing.assert_close(out.losses.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.chosen_rewards.double(), beta / (1 + eps * s) * (pc - rc), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.rejected_rewards.double(), beta / (1 + eps * s) * (pr - rr), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.losses.double(), want, **LOSS_TOL)
+    torch.testing.assert_close(out.chosen_rewards.double(), beta / (1 + eps * s) * (pc - rc), **LOSS_TOL)
+    torch.testing.assert_close(out.rejected_rewards.double(), beta / (1 + eps * s) * (pr - rr), **LOSS_TOL)
 
     weights = torch.rand(64, dtype=torch.float64)
     g32 = torch.autograd.grad((out.losses * weights.float()).sum(), [pc32, pr32])
     g64 = torch.autograd.grad((want * weights).sum(), [pc64, pr64])
     for a, b in zip(g32, g64):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.double(), b, **LOSS_GRAD_TOL)
 
 
 def test_label_smoothing_fix_differs_from_reference_trainer():
     """The authors' trainer writes log σ(+β_i m_i) in both terms, making α a no-op; the spec's form does not."""
     beta, eps, alpha = 0.5, 0.01, 0.2
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-3.0, -9.0, -5.0, -6.0))
-    out = edpo_loss(pc, pr, rc, rr, pc, pr, pc, pr, beta=beta, epsilon=eps, label_smoothing=alpha)
+    policy = PairLogps(pc, pr)
+    out = edpo_loss(policy=policy, ref=PairLogps(rc, rr), plus=policy, minus=policy, beta=beta, epsilon=eps,
+                    label_smoothing=alpha)  # fmt: skip
     x = beta * ((-3.0 + 5.0) - (-9.0 + 6.0))  # s = 0 (all logratios equal)
     reference_trainer = -math.log(1 / (1 + math.exp(-x)))  # α cancels
     conservative = -(1 - alpha) * math.log(1 / (1 + math.exp(-x))) - alpha * math.log(1 / (1 + math.exp(x)))

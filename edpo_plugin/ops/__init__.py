@@ -21,14 +21,16 @@ from __future__ import annotations
 import torch
 
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
-from edpo_plugin.ops.contract import LinearLogprobs, check_inputs
+from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs, as_transform, check_inputs
 from edpo_plugin.ops.dispatch import IMPLS, resolve_impl, triton_available
 from edpo_plugin.ops.naive import naive_linear_logprobs
-from edpo_plugin.ops.transform import IDENTITY, LogitTransform
+from edpo_plugin.ops.transform import LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
 
 __all__ = [
     "IMPLS",
+    "HeadCall",
+    "HeadOperands",
     "LinearLogprobs",
     "LogitTransform",
     "linear_logprobs",
@@ -80,23 +82,14 @@ def linear_logprobs(
         ``hidden``, and to ``weight``/``bias`` when they require grad. Computed in fp32 with autocast disabled,
         whatever the input dtype and the caller's autocast state.
     """
-    check_inputs(hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index)
-    if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
-        return dtensor_linear_logprobs(
-            hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, epsilon=epsilon, bias=bias,
-            ref_bias=ref_bias, ignore_index=ignore_index, transform=transform, impl=impl, token_chunk=token_chunk,
-            vocab_chunk=vocab_chunk, workspace_mb=workspace_mb,
-        )  # fmt: skip
-    transform = IDENTITY if transform is None else LogitTransform(*transform)
-    transform.check()
-    lead_shape = labels.shape
-    d = hidden.shape[-1]
-    flat = (hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon))
+    call = HeadCall(HeadOperands(hidden, weight, bias), HeadOperands(ref_hidden, ref_weight, ref_bias), labels,
+                    float(epsilon), ignore_index, as_transform(transform))  # fmt: skip
+    check_inputs(call)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    if impl == "naive":
-        streams = naive_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform)
-    else:
-        request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
-        streams = fused_linear_logprobs(*flat, bias, ref_bias, ignore_index, transform=transform, request=request)
-    return LinearLogprobs(*(s.reshape(lead_shape) for s in streams))
+    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
+    if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
+        return dtensor_linear_logprobs(call, request)
+    flat = call.flat()
+    streams = naive_linear_logprobs(flat) if impl == "naive" else fused_linear_logprobs(flat, request)
+    return streams.reshaped(labels.shape)

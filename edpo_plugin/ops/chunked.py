@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 
 from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard, gather_statistics, merge_statistics, reduce_hidden_grad
+from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs
 from edpo_plugin.ops.engine import (
-    HeadOperands,
     mix_streams,
     no_autocast,
     probs_grads,
@@ -36,7 +36,6 @@ from edpo_plugin.ops.engine import (
     sweep_statistics,
 )
 from edpo_plugin.ops.plan import HeadPlan, HeadShape
-from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 
 class PlanRequest(NamedTuple):
@@ -49,56 +48,46 @@ class PlanRequest(NamedTuple):
     plan: HeadPlan | None = None  # a fixed plan (tests, scripts): skips the planner
 
 
-class _Settings(NamedTuple):
-    """The non-tensor arguments, as one group."""
+class _Fixed(NamedTuple):
+    """What the autograd function reads but never differentiates: the call (the reference's operands, labels, ε,
+    ``ignore_index``, transform), the planner request and the vocabulary shard."""
 
-    epsilon: float
-    ignore_index: int
-    transform: LogitTransform
+    call: HeadCall
     request: PlanRequest
     shard: VocabShard | None
 
 
 def fused_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    epsilon: float,
-    bias: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    ignore_index: int,
-    *,
-    transform: LogitTransform = IDENTITY,
-    request: PlanRequest | None = None,
-    shard: VocabShard | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(policy, ref, plus, minus)``, fp32 ``[N]`` each, from ``hidden [N, d]``, ``weight [V, d]`` (this rank's
-    rows with ``shard``), ``labels [N]``."""
+    call: HeadCall, request: PlanRequest | None = None, shard: VocabShard | None = None
+) -> LinearLogprobs:
+    """The four streams, fp32 ``[N]`` each, of a flat ``call`` (hidden states ``[N, d]``, labels ``[N]``; with
+    ``shard``, ``w`` / ``b`` hold this rank's rows of the vocabulary), planned as ``request`` asks."""
     request = PlanRequest() if request is None else request
     for name in ("token_chunk", "vocab_chunk", "workspace_mb"):
         value = getattr(request, name)
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be >= 1 (or None: the planner's choice), got {value!r}.")
-    settings = _Settings(float(epsilon), ignore_index, transform, request, shard)
-    return _FusedLinearLogprobs.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings)
+    hidden, weight, bias = call.policy
+    return LinearLogprobs(*_FusedLinearLogprobs.apply(hidden, weight, bias, _Fixed(call, request, shard)))
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, settings):
+    def forward(ctx, hidden, weight, bias, fixed: _Fixed):
+        # autograd tracks only tensors passed as top-level arguments: the policy's three come here, the rest (no
+        # gradient) inside ``fixed``; ``fixed.call.policy`` holds these same three tensors
         ctx.set_materialize_grads(False)
+        call = fixed.call._replace(policy=HeadOperands(hidden, weight, bias))
         with no_autocast(hidden.device):
-            return _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *settings)
+            return _forward(ctx, call, fixed.request, fixed.shard)
 
     @staticmethod
     def backward(ctx, grad_policy, *_unused):
         if grad_policy is None:
-            return (None,) * 8
+            return None, None, None, None
         with no_autocast(grad_policy.device):
             grads = _backward(ctx, grad_policy)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None)
 
 
 def _plan_for(request: PlanRequest, shape: HeadShape, device: torch.device) -> HeadPlan:
@@ -109,10 +98,11 @@ def _plan_for(request: PlanRequest, shape: HeadShape, device: torch.device) -> H
     return choose_plan(shape, device, request.impl, request.token_chunk, request.vocab_chunk, request.workspace_mb)
 
 
-def _forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, epsilon, ignore_index, transform,
-             request, shard):  # fmt: skip
+def _forward(ctx, call: HeadCall, request: PlanRequest, shard: VocabShard | None):
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias) = call.policy, call.ref
+    labels, epsilon, transform = call.labels, call.epsilon, call.transform
     n_tokens, d = hidden.shape
-    valid_idx = (labels != ignore_index).nonzero().squeeze(1)
+    valid_idx = (labels != call.ignore_index).nonzero().squeeze(1)
     y = labels.index_select(0, valid_idx).long()
     policy = HeadOperands(hidden.detach().index_select(0, valid_idx), weight.detach(), _detached(bias))
     ref = HeadOperands(ref_hidden.detach().index_select(0, valid_idx), ref_weight.detach(), _detached(ref_bias))

@@ -1,4 +1,5 @@
-"""What every implementation returns and accepts: the four streams, and the argument checks they share.
+"""What every implementation accepts and returns: one head call (:class:`HeadCall`, each side's
+:class:`HeadOperands`), the four streams (:class:`LinearLogprobs`), and the input checks they share.
 
 Imports only torch.
 """
@@ -8,6 +9,50 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from edpo_plugin.ops.transform import IDENTITY, LogitTransform
+
+
+class HeadOperands(NamedTuple):
+    """One side of the head: hidden states ``h [..., d]`` (``[M, d]`` inside the engine), ``lm_head`` weight
+    ``w [V, d]``, bias ``b [V]`` or None."""
+
+    h: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+
+class HeadCall(NamedTuple):
+    """One call of the ε-DPO head, as the checks and every implementation receive it.
+
+    ``policy``: the policy's operands; ``h`` carries the gradient, ``w`` / ``b`` too when they require grad.
+    ``ref``: the reference's, shaped like the policy's and treated as constants (``ref.w`` may be ``policy.w``
+    itself, e.g. PEFT's frozen head: the engine then reads its tiles once for both GEMMs). ``labels``: target ids
+    (int64/int32) with ``h``'s leading shape. ``epsilon``: the ε of the two mixes. ``ignore_index``: the label whose
+    positions get 0 in every stream and no gradient. ``transform``: the model's logit transform, applied to policy
+    and reference logits before the mixes.
+    """
+
+    policy: HeadOperands
+    ref: HeadOperands
+    labels: torch.Tensor
+    epsilon: float
+    ignore_index: int = -100
+    transform: LogitTransform = IDENTITY
+
+    def flat(self) -> HeadCall:
+        """The same call with hidden states ``[N, d]`` and labels ``[N]`` (views where the layout allows)."""
+        d = self.policy.h.shape[-1]
+        return self._replace(
+            policy=self.policy._replace(h=self.policy.h.reshape(-1, d)),
+            ref=self.ref._replace(h=self.ref.h.reshape(-1, d)),
+            labels=self.labels.reshape(-1),
+        )
+
+
+def as_transform(transform: LogitTransform | tuple[float, float | None] | None) -> LogitTransform:
+    """``transform`` as a :class:`LogitTransform` (None: plain logits; a ``(scale, softcap)`` tuple is accepted)."""
+    return IDENTITY if transform is None else LogitTransform(*transform)
 
 
 class LinearLogprobs(NamedTuple):
@@ -23,19 +68,19 @@ class LinearLogprobs(NamedTuple):
     plus: torch.Tensor
     minus: torch.Tensor
 
+    def reshaped(self, shape: torch.Size) -> LinearLogprobs:
+        """The four streams reshaped to ``shape`` (the labels' shape of a flattened call)."""
+        return LinearLogprobs(*(s.reshape(shape) for s in self))
 
-def check_inputs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    epsilon: float,
-    bias: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    ignore_index: int,
-    check_labels: bool = True,
-) -> None:
+
+def check_inputs(call: HeadCall, check_labels: bool = True) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the field unless ``call`` is one the head computes as stated.
+
+    ``check_labels=False`` (a local vocabulary shard) skips the range check of the labels, which
+    :func:`edpo_plugin.ops.linear_logprobs` makes against the whole vocabulary (one device sync).
+    """
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias) = call.policy, call.ref
+    labels, epsilon, ignore_index = call.labels, call.epsilon, call.ignore_index
     if not 0.0 < float(epsilon) < 1.0:
         raise ValueError(f"epsilon must lie strictly between 0 and 1, got {epsilon!r}.")
     if hidden.shape != ref_hidden.shape:
@@ -54,6 +99,7 @@ def check_inputs(
     for name, b in (("bias", bias), ("ref_bias", ref_bias)):
         if b is not None and b.shape != (weight.shape[0],):
             raise ValueError(f"{name} must be [{weight.shape[0]}], got {tuple(b.shape)}.")
+    call.transform.check()
     if not check_labels:  # a local vocabulary shard: linear_logprobs checked against the whole vocabulary
         return
     vocab = weight.shape[0]  # the whole vocabulary, also for a vocab-sharded DTensor

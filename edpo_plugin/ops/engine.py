@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from edpo_plugin.ops.contract import HeadOperands
 from edpo_plugin.ops.transform import LogitTransform
 
 if TYPE_CHECKING:
@@ -58,14 +59,6 @@ __all__ = [
     "target_logits",
     "tile_logits",
 ]
-
-
-class HeadOperands(NamedTuple):
-    """One side of the head: hidden states ``h [M, d]``, ``lm_head`` weight ``w [V, d]``, bias ``b [V]`` or None."""
-
-    h: torch.Tensor
-    w: torch.Tensor
-    b: torch.Tensor | None
 
 
 class RunningStats(NamedTuple):

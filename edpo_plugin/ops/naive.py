@@ -9,28 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from edpo_plugin.ops.contract import HeadCall, LinearLogprobs
 from edpo_plugin.ops.engine import mix_streams, no_autocast
-from edpo_plugin.ops.transform import IDENTITY, LogitTransform
 
 
-def naive_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    epsilon: float,
-    bias: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    ignore_index: int,
-    transform: LogitTransform = IDENTITY,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs ``(policy, ref, plus, minus)``, each fp32 ``[N]``, 0 where ``labels == ignore_index``.
-
-    ``hidden``/``ref_hidden``: ``[N, d]``; ``weight``/``ref_weight``: ``[V, d]``; ``labels``: ``[N]`` int64.
-    Only ``policy`` carries a gradient.
-    """
-    valid = labels != ignore_index
+def naive_linear_logprobs(call: HeadCall) -> LinearLogprobs:
+    """The four streams of a flat ``call`` (hidden states ``[N, d]``, labels ``[N]``), each fp32 ``[N]``, 0 where
+    ``labels == ignore_index``. Only ``policy`` carries a gradient."""
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias) = call.policy, call.ref
+    labels, transform = call.labels, call.transform
+    valid = labels != call.ignore_index
     targets = labels.masked_fill(~valid, 0).unsqueeze(-1)
 
     def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -45,6 +33,6 @@ def naive_linear_logprobs(
             ref_logits = transform.apply(
                 F.linear(ref_hidden.float(), ref_weight.float(), None if ref_bias is None else ref_bias.float())
             )
-            _, _, plus_logits, minus_logits = mix_streams(policy_logits.detach(), ref_logits, epsilon)
+            _, _, plus_logits, minus_logits = mix_streams(policy_logits.detach(), ref_logits, call.epsilon)
             plus, minus, ref = (token_logprobs(z) for z in (plus_logits, minus_logits, ref_logits))
-        return token_logprobs(policy_logits), ref, plus, minus
+        return LinearLogprobs(token_logprobs(policy_logits), ref, plus, minus)

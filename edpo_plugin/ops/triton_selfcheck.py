@@ -63,6 +63,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton head agrees with the chunked head, else a description of the first disagreement."""
     from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
+    from edpo_plugin.ops.contract import HeadCall, HeadOperands
     from edpo_plugin.ops.plan import CPU_TILES, HeadPlan, interpreting
     from edpo_plugin.ops.transform import LogitTransform
 
@@ -92,8 +93,9 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
             b = bias.clone().requires_grad_(trainable)
             wr, br = (ref_weight, ref_bias) if trainable else (w, b)
             with torch.enable_grad():
-                out = fused_linear_logprobs(h, w, labels, ref_hidden, wr, 0.05, b, br, -100, transform=transform,
-                                            request=PlanRequest(plan=plan))  # fmt: skip
+                call = HeadCall(HeadOperands(h, w, b), HeadOperands(ref_hidden, wr, br), labels, 0.05,
+                                transform=transform)  # fmt: skip
+                out = fused_linear_logprobs(call, PlanRequest(plan=plan))
                 leaves = [h, w, b] if trainable else [h]
                 grads = torch.autograd.grad((out[0] * upstream).sum(), leaves)
             results[impl] = (tuple(out), grads)

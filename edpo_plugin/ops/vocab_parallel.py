@@ -14,8 +14,9 @@ the target (three matmul-equivalents per shard); a trainable head's backward run
 statistics (five, or four when the plan keeps ``P``).
 
 Entry points: :func:`vocab_parallel_linear_logprobs` (a local shard, its vocabulary offset and a process group,
-for Megatron-core-style callers) and :func:`dtensor_linear_logprobs` (``lm_head`` weights as ``Shard(0)`` DTensors
-on a 1-D mesh, e.g. transformers' ``tp_plan="auto"``; ``linear_logprobs`` routes there).
+for Megatron-core-style callers) and :func:`dtensor_linear_logprobs` (a :class:`~edpo_plugin.ops.contract.HeadCall`
+whose ``lm_head`` weights are ``Shard(0)`` DTensors on a 1-D mesh, e.g. transformers' ``tp_plan="auto"``;
+``linear_logprobs`` routes there). Both run :func:`shard_linear_logprobs` on this rank's rows.
 
 Imports only torch (and triton, lazily).
 """
@@ -27,11 +28,17 @@ import torch.distributed as dist
 
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
 from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard
-from edpo_plugin.ops.contract import LinearLogprobs, check_inputs
+from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs, as_transform, check_inputs
 from edpo_plugin.ops.dispatch import IMPLS
-from edpo_plugin.ops.transform import IDENTITY, LogitTransform
+from edpo_plugin.ops.transform import LogitTransform
 
-__all__ = ["STAT_ROWS", "dtensor_linear_logprobs", "is_dtensor", "vocab_parallel_linear_logprobs"]
+__all__ = [
+    "STAT_ROWS",
+    "dtensor_linear_logprobs",
+    "is_dtensor",
+    "shard_linear_logprobs",
+    "vocab_parallel_linear_logprobs",
+]
 
 
 def is_dtensor(t: torch.Tensor | None) -> bool:
@@ -62,7 +69,7 @@ def vocab_parallel_linear_logprobs(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     workspace_mb: int | None = None,
-):
+) -> LinearLogprobs:
     """The four log-prob streams from this rank's vocabulary shard; every rank of ``group`` gets the same streams.
 
     Args:
@@ -85,44 +92,32 @@ def vocab_parallel_linear_logprobs(
         to ``hidden`` (the full gradient on every rank, after one all-reduce) and to this rank's ``weight``/``bias``
         shard when they require grad.
     """
-    check_inputs(
-        hidden, weight, labels, ref_hidden, ref_weight, epsilon, bias, ref_bias, ignore_index, check_labels=False
-    )
-    if vocab_start < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}.")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    if impl == "naive":
+    call = HeadCall(HeadOperands(hidden, weight, bias), HeadOperands(ref_hidden, ref_weight, ref_bias), labels,
+                    float(epsilon), ignore_index, as_transform(transform))  # fmt: skip
+    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
+    return shard_linear_logprobs(call, request, VocabShard(int(vocab_start), group))
+
+
+def shard_linear_logprobs(call: HeadCall, request: PlanRequest, shard: VocabShard) -> LinearLogprobs:
+    """The four global streams, shaped like ``call.labels``, from ``call`` on this rank's shard ``shard`` (``w`` /
+    ``b``: this rank's rows of the vocabulary; hidden states and labels replicated)."""
+    check_inputs(call, check_labels=False)
+    if shard.start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {shard.start}.")
+    if request.impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {request.impl!r}.")
+    if request.impl == "naive":
         raise ValueError("impl='naive' has no vocab-parallel form (it materialises full logits); use 'chunked'.")
-    transform = IDENTITY if transform is None else LogitTransform(*transform)
-    transform.check()
-    lead_shape = labels.shape
-    d = hidden.shape[-1]
-    streams = fused_linear_logprobs(
-        hidden.reshape(-1, d), weight, labels.reshape(-1), ref_hidden.reshape(-1, d), ref_weight, float(epsilon), bias,
-        ref_bias, ignore_index, transform=transform, request=PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb),
-        shard=VocabShard(int(vocab_start), group),
-    )  # fmt: skip
-    return LinearLogprobs(*(s.reshape(lead_shape) for s in streams))
+    return fused_linear_logprobs(call.flat(), request, shard).reshaped(call.labels.shape)
 
 
-def dtensor_linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
-    epsilon: float,
-    bias: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    **kwargs,
-):
-    """:func:`vocab_parallel_linear_logprobs` for ``lm_head`` weights held as DTensors ``[V, d]`` placed
-    ``(Shard(0),)`` on a 1-D device mesh (biases ``[V]`` likewise). ``ref_weight`` is ``weight`` itself or sharded
-    the same way. ``hidden``/``ref_hidden`` are plain tensors replicated over the mesh, or ``Replicate()`` DTensors
-    (then their local tensors are used). The weight's gradient arrives as a ``Shard(0)`` DTensor; no collective
-    beyond those of the vocab-parallel op."""
+def dtensor_linear_logprobs(call: HeadCall, request: PlanRequest) -> LinearLogprobs:
+    """:func:`shard_linear_logprobs` for a ``call`` whose ``lm_head`` weights are DTensors ``[V, d]`` placed
+    ``(Shard(0),)`` on a 1-D device mesh (biases ``[V]`` likewise). ``ref.w`` is ``policy.w`` itself or sharded
+    the same way. The hidden states are plain tensors replicated over the mesh, or ``Replicate()`` DTensors (then
+    their local tensors are used). The weight's gradient arrives as a ``Shard(0)`` DTensor; no collective beyond
+    those of the vocab-parallel op."""
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias) = call.policy, call.ref
     mesh, start = _shard0_layout(weight, "weight")
     for name, other in (("ref_weight", ref_weight), ("bias", bias), ("ref_bias", ref_bias)):
         if other is None or other is weight:
@@ -130,22 +125,18 @@ def dtensor_linear_logprobs(
         other_mesh, other_start = _shard0_layout(other, name)
         if other_mesh != mesh or other_start != start or other.to_local().shape[0] != weight.to_local().shape[0]:
             raise ValueError(f"{name} must be sharded like weight: Shard(0) over the same mesh and the same rows.")
-    # one local view per distinct tensor, so that a shared head (PEFT) stays shared: ``ref_weight is weight``
+    # one local view per distinct tensor, so that a shared head (PEFT) stays shared: ``ref.w is policy.w``
     local_w = weight.to_local()
     local_b = None if bias is None else bias.to_local()
-    return vocab_parallel_linear_logprobs(
-        _replicated_local(hidden, "hidden"),
-        local_w,
-        labels,
-        ref_hidden=_replicated_local(ref_hidden, "ref_hidden"),
-        ref_weight=local_w if ref_weight is weight else ref_weight.to_local(),
-        bias=local_b,
-        ref_bias=local_b if ref_bias is bias else (None if ref_bias is None else ref_bias.to_local()),
-        epsilon=epsilon,
-        vocab_start=start,
-        group=mesh.get_group(),
-        **kwargs,
+    local = call._replace(
+        policy=HeadOperands(_replicated_local(hidden, "hidden"), local_w, local_b),
+        ref=HeadOperands(
+            _replicated_local(ref_hidden, "ref_hidden"),
+            local_w if ref_weight is weight else ref_weight.to_local(),
+            local_b if ref_bias is bias else (None if ref_bias is None else ref_bias.to_local()),
+        ),
     )
+    return shard_linear_logprobs(local, request, VocabShard(start, mesh.get_group()))
 
 
 def _shard0_layout(t: torch.Tensor, name: str):

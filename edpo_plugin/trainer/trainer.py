@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.models.utils import _ForwardRedirection
 
-from edpo_plugin.loss import BetaController, edpo_loss
+from edpo_plugin.loss import BetaController, PairLogps, edpo_loss
 from edpo_plugin.trainer.batch import BatchLayout
 from edpo_plugin.trainer.config import validate_edpo_args
 from edpo_plugin.trainer.distributed import is_fsdp2, is_wrapped, refuse_zero3_head_wrapper
@@ -127,9 +127,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         batch = self.batch_layout.lay_out(inputs, scored=inputs["completion_mask"])
         forwards = self.backbones.run(model, batch, inside_forward, router_logits=self.aux_loss_enabled)
         streams = self.backbones.streams(forwards, batch)
-        policy, ref, plus, minus = (batch.sequence_logps(s).chunk(2) for s in streams)  # each (chosen, rejected)
+        policy, ref, plus, minus = (PairLogps(*batch.sequence_logps(s).chunk(2)) for s in streams)
         out = edpo_loss(
-            policy[0], policy[1], ref[0], ref[1], plus[0], plus[1], minus[0], minus[1],
+            policy=policy, ref=ref, plus=plus, minus=minus,
             beta=self.beta_controller.beta,
             epsilon=self.args.epsilon,
             label_smoothing=self.args.label_smoothing,
@@ -186,8 +186,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         metrics["rewards/rejected"].append(mean(rejected))
         metrics["rewards/accuracies"].append(mean((chosen > rejected).float()))
         metrics["rewards/margins"].append(mean(chosen - rejected))
-        metrics["logps/chosen"].append(mean(policy[0]))
-        metrics["logps/rejected"].append(mean(policy[1]))
+        metrics["logps/chosen"].append(mean(policy.chosen))
+        metrics["logps/rejected"].append(mean(policy.rejected))
         if mode == "eval":  # training logs these once per optimizer step, from the β controller
             metrics["kl/beta"].append(self.beta_controller.beta)
             metrics["kl/avg_steps"].append(mean(out.decisions))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from edpo_plugin.ops import LogitTransform, linear_logprobs, triton_available
+from edpo_plugin.ops import HeadCall, HeadOperands, LogitTransform, linear_logprobs, triton_available
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
 from edpo_plugin.ops.launches import launches
 from edpo_plugin.ops.plan import HeadPlan, HeadShape
@@ -152,7 +152,8 @@ def _assert_same(planned: Count, counted: Count, what: str) -> None:
             f"dispatched {getattr(counted, name)}; dispatched ops: {counted.log}"  # fmt: skip
 
 
-def _tensors(shape: HeadShape, device: torch.device, scale: float = 1.0):
+def _head_call(shape: HeadShape, device: torch.device, scale: float = 1.0) -> tuple[HeadCall, list[torch.Tensor]]:
+    """A flat :class:`HeadCall` of ``shape`` (ε = 0.1) and the tensors the policy stream's gradient is taken for."""
     g = torch.Generator().manual_seed(0)
     n, d, vocab, dtype = shape.tokens, shape.dim, shape.vocab, shape.dtype
 
@@ -170,7 +171,7 @@ def _tensors(shape: HeadShape, device: torch.device, scale: float = 1.0):
     labels = torch.randint(0, vocab, (n,), generator=g).to(device) if device.type != "meta" else torch.empty(
         n, dtype=torch.int64, device=device)  # fmt: skip
     leaves = [h] + ([w] + ([b] if b is not None else []) if trainable else [])
-    return h, w, b, hr, wr, br, labels, leaves
+    return HeadCall(HeadOperands(h, w, b), HeadOperands(hr, wr, br), labels, 0.1, transform=shape.transform), leaves
 
 
 @pytest.fixture
@@ -202,11 +203,10 @@ def test_tensor_core_plans_dispatch_what_they_plan(case, meta_nonzero):
     shape = HeadShape(tokens=40, valid=40, dim=24, vocab=300, dtype=torch.bfloat16, head=head, shared=shared,
                       bias=bias, ref_bias=bias, transform=LogitTransform(*transform))  # fmt: skip
     plan = HeadPlan("chunked", head, token_chunk, vocab_chunk, True, torch.bfloat16, keep_probs=keep)
-    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("meta"))
+    call, leaves = _head_call(shape, torch.device("meta"))
     mode = Dispatched()
     with mode:
-        out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, transform=shape.transform,
-                                    request=PlanRequest(plan=plan))  # fmt: skip
+        out = fused_linear_logprobs(call, PlanRequest(plan=plan))
         torch.autograd.grad(out[0], leaves, torch.empty(shape.tokens, device="meta"))
     _assert_same(_planned(plan, shape, checks=False), mode.count, case)
 
@@ -233,16 +233,17 @@ def test_cpu_plans_dispatch_what_they_plan(case):
     shape = HeadShape(tokens=50, valid=50, dim=20, vocab=300, dtype=dtype, head=head, shared=shared, bias=bias,
                       ref_bias=bias, transform=LogitTransform(*transform))  # fmt: skip
     plan = HeadPlan(impl, head, 32, 128, False, torch.float32, keep_probs=keep, interpreted=impl == "triton")
-    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("cpu"), scale=0.3)
+    call, leaves = _head_call(shape, torch.device("cpu"), scale=0.3)
+    (h, w, b), (hr, wr, br) = call.policy, call.ref
     upstream = torch.randn(shape.tokens)
     mode = Dispatched()
     with triton_counted(mode.count) if impl == "triton" else contextlib.nullcontext(), mode:
         if keep:
-            out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, transform=shape.transform,
-                                        request=PlanRequest(plan=plan))  # fmt: skip
+            out = fused_linear_logprobs(call, PlanRequest(plan=plan))
         else:
-            out = linear_logprobs(h, w, labels, ref_hidden=hr, ref_weight=wr, bias=b, ref_bias=br, epsilon=0.1,
-                                  transform=shape.transform, impl=impl, token_chunk=32, vocab_chunk=128)  # fmt: skip
+            out = linear_logprobs(h, w, call.labels, ref_hidden=hr, ref_weight=wr, bias=b, ref_bias=br,
+                                  epsilon=call.epsilon, transform=call.transform, impl=impl, token_chunk=32,
+                                  vocab_chunk=128)  # fmt: skip
         torch.autograd.grad(out[0], leaves, upstream)
     _assert_same(_planned(plan, shape, checks=not keep), mode.count, case)
 
@@ -251,10 +252,10 @@ def test_the_counter_sees_a_missing_kernel(meta_nonzero):
     """The comparison is not vacuous: the same run against the plan of a different vocabulary tile disagrees."""
     shape = HeadShape(tokens=40, valid=40, dim=24, vocab=300, dtype=torch.bfloat16, head="frozen")
     plan = HeadPlan("chunked", "frozen", 16, 128, True, torch.bfloat16)
-    h, w, b, hr, wr, br, labels, leaves = _tensors(shape, torch.device("meta"))
+    call, leaves = _head_call(shape, torch.device("meta"))
     mode = Dispatched()
     with mode:
-        out = fused_linear_logprobs(h, w, labels, hr, wr, 0.1, b, br, -100, request=PlanRequest(plan=plan))
+        out = fused_linear_logprobs(call, PlanRequest(plan=plan))
         torch.autograd.grad(out[0], leaves, torch.empty(shape.tokens, device="meta"))
     with pytest.raises(AssertionError, match="launches planned"):
         _assert_same(_planned(HeadPlan("chunked", "frozen", 16, 64, True, torch.bfloat16), shape, False),

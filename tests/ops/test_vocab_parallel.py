@@ -1,11 +1,9 @@
 """The vocab-parallel head on 2 CPU ranks (torchrun, gloo) against two yardsticks: the unsharded op on the same full
 tensors, and megatron-core's ``vocab_parallel_cross_entropy`` on the same shards.
 
-Tolerances: streams to 1e-5 (the ops layer's stream tolerance); fp32 gradients to ``1e-5 · max|reference|``: each
-entry is an fp32 sum of ≤ V (≤ 48) products, accumulated in a different order (per shard, then merged), so the
-rounding difference is a few ``V · 2⁻²⁴`` of the largest entry. bf16 gradients are delivered in bf16: the sharded
-hidden gradient is two bf16-rounded halves summed in bf16 where the unsharded one is rounded once, so they may differ
-by a few bf16 ulps (``2⁻⁸`` relative): ``2⁻⁶ · max|reference|``.
+Tolerances (``tests/numerics.py``, with their arithmetic): streams to ``STREAM_TOL`` per entry; gradients to
+``SHARDED_GRAD_TOL[dtype] · max|reference|`` per entry (fp32: the same sums in another order; bf16: two bf16-rounded
+halves summed in bf16 where the unsharded gradient is rounded once).
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.numerics import SHARDED_GRAD_TOL, STREAM_TOL
 
 WORKERS = Path(__file__).resolve().parents[1] / "workers"
 
@@ -36,9 +36,9 @@ def _ranks(script: str, out: Path, world: int = 2) -> list[dict]:
 def _close_grad(actual: torch.Tensor | None, expected: torch.Tensor | None, what: str) -> None:
     assert (actual is None) == (expected is None), what
     if expected is not None:
-        rel = 2**-6 if expected.dtype == torch.bfloat16 else 1e-5
-        atol = rel * max(expected.abs().max().item(), 1e-6)
-        torch.testing.assert_close(actual, expected, rtol=rel, atol=atol, msg=what)
+        rtol = SHARDED_GRAD_TOL[expected.dtype]
+        atol = rtol * max(expected.abs().max().item(), 1e-6)
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=what)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_vocab_parallel_matches_unsharded_op(op_ranks, case):
     for rank, results in enumerate(op_ranks):
         res = results[case]
         sharded, unsharded = res["sharded"], res["unsharded"]
-        torch.testing.assert_close(sharded["streams"], unsharded["streams"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(sharded["streams"], unsharded["streams"], rtol=0, atol=STREAM_TOL)
         ignored = res["labels"] == -100
         assert torch.all(sharded["streams"][:, ignored] == 0)
         for key in ("grad_hidden", "grad_weight", "grad_bias"):
@@ -112,7 +112,7 @@ def test_policy_stream_matches_megatron_core(tmp_path):
     for rank, results in enumerate(_ranks("megatron_peer_worker.py", tmp_path)):
         for case, res in results.items():
             ours, megatron = res["ours"], res["megatron"]
-            torch.testing.assert_close(ours["logp"], megatron["logp"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours["logp"], megatron["logp"], rtol=0, atol=STREAM_TOL)
             for key in ("grad_h", "grad_w", "grad_b"):
                 assert megatron[key].abs().max() > 0
                 _close_grad(ours[key], megatron[key], f"{case} rank {rank} {key}")
@@ -131,9 +131,9 @@ def test_tp_plan_auto_llama_head_matches_whole_model(tiny_default, tmp_path):
         assert layout["lm_head_local_rows"] * 2 == layout["vocab"]
         tp, whole = res["tp"], res["whole"]
         assert tp["hidden_is_plain"]
-        torch.testing.assert_close(tp["streams"], whole["streams"], rtol=0, atol=1e-5)
-        torch.testing.assert_close(tp["streams"][0], whole["own_policy"], rtol=0, atol=1e-5)
-        torch.testing.assert_close(tp["streams"][1], whole["own_ref"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tp["streams"], whole["streams"], rtol=0, atol=STREAM_TOL)
+        torch.testing.assert_close(tp["streams"][0], whole["own_policy"], rtol=0, atol=STREAM_TOL)
+        torch.testing.assert_close(tp["streams"][1], whole["own_ref"], rtol=0, atol=STREAM_TOL)
         assert not torch.equal(whole["streams"][0], whole["streams"][1]), "the reference should differ"
         for name, grad in whole["grads"].items():
             assert grad.abs().max() > 0, name
