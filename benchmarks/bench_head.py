@@ -7,7 +7,7 @@ warm-up. On CPU, compare implementations by their ratio within one run (absolute
 
     python benchmarks/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
     python benchmarks/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
-    python benchmarks/bench_head.py --gpu-suite --json benchmarks/results/bench_head_gpu.json      # what benchmarks/gpu_suite.sh runs
+    python benchmarks/bench_head.py --gpu-suite       # what gpu_suite.sh runs; writes results/bench_head_gpu.json
     python benchmarks/bench_head.py --gpu-suite --dry-run --json /tmp/dry.json       # the suite's code path on CPU
     python benchmarks/bench_head.py --impls chunked --before /tmp/base --rounds 6 --repeats 4   # A/B two checkouts
 
@@ -17,11 +17,11 @@ and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyT
 instead of keeping ``P``), and TRL 1.16's ``ChunkedLogProbFunction`` as a DPO head (policy with gradient +
 reference) when its wheel is installed. Each row records the plan that ran, its modelled time
 (:mod:`edpo_plugin.ops.cost_model`) with the table's constants and with this GPU's measured GEMM efficiencies
-(``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which a committed
-``benchmarks/results/bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.cost_model.calibrated`. TFLOP/s counts useful
+(``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which the suite's
+``bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.cost_model.calibrated`. TFLOP/s counts useful
 matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for every implementation).
 
-Prints a table and writes JSON (``--json``).
+Prints a table and writes JSON (``--json``; by default into ``benchmarks/results/``).
 """
 
 from __future__ import annotations

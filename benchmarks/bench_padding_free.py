@@ -1,7 +1,7 @@
 """Padded against padding-free ε-DPO on SmolLM2-135M-Instruct + HH harmless (the main job's model and data), one
 process each: backbone tokens per optimizer step, step time, peak RSS and the β trajectories of the runs.
 
-    python examples/prepare_hh.py && python benchmarks/bench_padding_free.py --json benchmarks/results/bench_padding_free.json
+    python examples/prepare_hh.py && python benchmarks/bench_padding_free.py   # writes results/bench_padding_free.json
 
 Three runs by default (``--modes``): ``padded`` (TRL's padded batch), ``packed`` (``padding_free=True``,
 ``edpo_share_prompt=False``: each sequence packed whole) and ``shared`` (``padding_free=True`` with each pair's

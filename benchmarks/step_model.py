@@ -1,10 +1,10 @@
 """Modelled time of one ε-DPO LoRA step at 8B (Llama-3-8B-Instruct, the 8B YAMLs' settings) on H100 and A100, for
 the padded, packed and shared-prompt layouts of the HH harmless pairs: no GPU involved, every number **modelled**.
 
-Each micro-batch (``--pairs`` pairs, taken in the order ``benchmarks/results/padding_ratio_hh_512.json`` lists them: random, seed
-0, every pair that fits in 512 tokens with SmolLM2's chat template — a stand-in for Llama-3's) is modelled kernel by
-kernel with :mod:`edpo_plugin.ops.cost_model`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 · BW))`` + a
-launch each; its GEMM efficiencies, GPUs and launch cost):
+Each micro-batch (``--pairs`` pairs, taken in the order ``benchmarks/results/padding_ratio_hh_512.json`` lists them:
+random, seed 0, every pair that fits in 512 tokens with SmolLM2's chat template — a stand-in for Llama-3's) is modelled
+kernel by kernel with :mod:`edpo_plugin.ops.cost_model`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 ·
+BW))`` + a launch each; its GEMM efficiencies, GPUs and launch cost):
 
 - **backbone GEMMs** on the positions each layout runs (padded: ``2B × T``; packed: the real tokens; shared: the
   real tokens less each pair's common prefix): per layer q, k, v, o, gate, up, down, and LoRA's two r-16 GEMMs on

@@ -1,7 +1,8 @@
 """Matmul-equivalents per head path, counted by running each path under a dispatch mode that sees every mm variant
-(benchmarks/count_matmuls.py): 3 for a frozen head, 5 for a trainable head that recomputes its tiles, 4 for one whose plan
-keeps P; the modelled GPU plans (benchmarks/results/roofline.json: the planner's own launch lists, which test_plan.py checks against
-what the engine dispatches) do the same work with CUDA's GEMM policy: no fp32 GEMM on bf16 inputs."""
+(benchmarks/count_matmuls.py): 3 for a frozen head, 5 for a trainable head that recomputes its tiles, 4 for one whose
+plan keeps P; the modelled GPU plans (benchmarks/results/roofline.json: the planner's own launch lists, which
+test_plan.py checks against what the engine dispatches) do the same work with CUDA's GEMM policy: no fp32 GEMM on bf16
+inputs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""benchmarks/roofline.py prints the planner's plans under the per-kernel model: the committed benchmarks/results/roofline.json is what
-the code models today, ``auto`` is the planner's choice and meets issue 23's bar against TRL's chunked DPO head (same
-model), no GEMM is modelled faster than the GPU's published best-shape rate, and the model's constants reproduce the
-anchors they were taken from."""
+"""benchmarks/roofline.py prints the planner's plans under the per-kernel model: the committed
+benchmarks/results/roofline.json is what the code models today, ``auto`` is the planner's choice and meets issue 23's
+bar against TRL's chunked DPO head (same model), no GEMM is modelled faster than the GPU's published best-shape rate,
+and the model's constants reproduce the anchors they were taken from."""
 
 from __future__ import annotations
 
