@@ -12,6 +12,6 @@ if ! "$VENV/bin/python" -c "import trl, peft, transformers, edpo_plugin, pytest,
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q torch==2.13.0  # the CPU build on local disk (see setup_env.sh)
   "$VENV/bin/python" -m pip install -q -e ".[trl-latest,test-trainer]"
-  "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.1  # scripts/roofline.py's Liger row
+  "$VENV/bin/python" -m pip install -q --no-deps liger-kernel==0.8.1  # benchmarks/roofline.py's Liger row
 fi
 "$VENV/bin/python" -c "import trl, transformers, peft; print('trl', trl.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

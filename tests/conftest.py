@@ -15,10 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_default(tmp_path_factory):
-    """The embedded tiny default (model, tokenizer, data), built by its own entry point, scripts/make_tiny_default.py;
+    """The embedded tiny default (model, tokenizer, data), built by its own entry point, examples/make_tiny_default.py;
     the paths of its layout."""
     out = tmp_path_factory.mktemp("tiny")
-    script = os.path.join(REPO, "scripts", "make_tiny_default.py")
+    script = os.path.join(REPO, "examples", "make_tiny_default.py")
     subprocess.run([sys.executable, script, "--out", str(out)], check=True, capture_output=True, text=True)
     return {
         "root": out,

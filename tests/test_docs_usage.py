@@ -1,7 +1,7 @@
 """docs/usage.md's plain-TRL block (SmolLM2 + HH through EpsilonDPOTrainer), executed as written from a directory
-that holds what its set-up commands make: ``scripts/prepare_hh.py``'s output in ``.data/hh-harmless`` and, in
+that holds what its set-up commands make: ``examples/prepare_hh.py``'s output in ``.data/hh-harmless`` and, in
 ``.models/smollm2-135m-instruct``, the tiny default's model (ChatML, like SmolLM2's) or, with ``-m slow`` and the
-model prepared by ``scripts/prepare_smollm2.py``, SmolLM2 itself."""
+model prepared by ``examples/prepare_smollm2.py``, SmolLM2 itself."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _run_block(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / ".models").mkdir()
     os.symlink(model_dir, tmp_path / ".models" / "smollm2-135m-instruct")
     data = tmp_path / ".data" / "hh-harmless"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_hh.py"), "--out", str(data)],
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "prepare_hh.py"), "--out", str(data)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.chdir(tmp_path)
@@ -64,7 +64,7 @@ def test_plain_trl_block_runs_as_written(tiny_default, tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_plain_trl_block_runs_on_smollm2(tmp_path, monkeypatch, capsys):
-    """The real model, when scripts/prepare_smollm2.py has prepared it (several minutes on 2 CPU cores)."""
+    """The real model, when examples/prepare_smollm2.py has prepared it (several minutes on 2 CPU cores)."""
     if not (SMOLLM2 / "config.json").is_file():
-        pytest.skip("SmolLM2 is not prepared: python scripts/prepare_smollm2.py")
+        pytest.skip("SmolLM2 is not prepared: python examples/prepare_smollm2.py")
     _run_block(SMOLLM2, tmp_path, monkeypatch, capsys)

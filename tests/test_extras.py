@@ -1,5 +1,5 @@
 """The extras a user is told to install (README: ``pip install -e ".[axolotl]"`` or ``".[trl]"``) hold what the
-scripts of the commands the user documents name need: ``python scripts/prepare_smollm2.py`` after
+scripts of the commands the user documents name need: ``python examples/prepare_smollm2.py`` after
 ``pip install -e ".[axolotl]"`` failed on ``gguf``, which only the test extra held (issue 27).
 
 A script's needs are its imports (every ``import`` statement, in functions too) mapped to the distributions that
@@ -27,11 +27,12 @@ USER_DOCS = [REPO / "README.md", REPO / "docs" / "usage.md", *sorted((REPO / "ya
 USER_EXTRAS = re.findall(r'pip install -e "\.\[(\w[\w-]*)\]"', README)
 # transformers reads a GGUF file (`gguf_file=`) through the gguf package, which it imports only then.
 RUNTIME_NEEDS = {"gguf_file=": "gguf"}
+ROOMS = ("examples", "scripts", "benchmarks")  # where entry points live; one may import another's modules
 
 
 def _documented_scripts() -> set[str]:
     text = "\n".join(p.read_text(encoding="utf-8") for p in USER_DOCS)
-    return set(re.findall(r"python scripts/(\w+\.py)", text))
+    return set(re.findall(rf"python ((?:{'|'.join(ROOMS)})/\w+\.py)", text))
 
 
 def _needs(script: Path) -> set[str]:
@@ -43,7 +44,7 @@ def _needs(script: Path) -> set[str]:
             modules |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             modules.add(node.module.split(".")[0])
-    local = {p.stem for p in (REPO / "scripts").glob("*.py")} | {"scripts", "tests", "__future__"}
+    local = {p.stem for room in ROOMS for p in (REPO / room).glob("*.py")} | {*ROOMS, "tests", "__future__"}
     modules -= set(sys.stdlib_module_names) | local
     providers = metadata.packages_distributions()
     needs = {canonicalize_name(providers.get(m, [m])[0]) for m in modules if m != "edpo_plugin"}
@@ -73,12 +74,14 @@ def _closure(requirements: list[str]) -> set[str]:
 
 def test_the_docs_name_the_extras_and_the_scripts():
     assert set(USER_EXTRAS) == {"axolotl", "trl"}, USER_EXTRAS
-    assert {"prepare_smollm2.py", "prepare_hh.py", "make_tiny_default.py"} <= _documented_scripts()
-    assert _needs(REPO / "scripts" / "prepare_smollm2.py") >= {"torch", "transformers", "gguf"}
+    assert {"examples/prepare_smollm2.py", "examples/prepare_hh.py", "examples/make_tiny_default.py"} <= (
+        _documented_scripts()
+    )
+    assert _needs(REPO / "examples" / "prepare_smollm2.py") >= {"torch", "transformers", "gguf"}
 
 
 @pytest.mark.parametrize("extra", ["axolotl", "trl"])
 def test_extra_holds_what_the_documented_scripts_need(extra):
     held = _closure(PROJECT["optional-dependencies"][extra] + PROJECT["dependencies"])
-    missing = {script: sorted(_needs(REPO / "scripts" / script) - held) for script in sorted(_documented_scripts())}
+    missing = {script: sorted(_needs(REPO / script) - held) for script in sorted(_documented_scripts())}
     assert not any(missing.values()), f'pip install -e ".[{extra}]" lacks {missing}'

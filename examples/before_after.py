@@ -1,6 +1,6 @@
 """Greedy answers to a few held-out HH (harmless) prompts: the base model vs the same model with a trained adapter.
 
-python scripts/before_after.py outputs/smollm2-135m-edpo-lora --heldout .data/hh-harmless/heldout.jsonl -n 4
+python examples/before_after.py outputs/smollm2-135m-edpo-lora --heldout .data/hh-harmless/heldout.jsonl -n 4
 
 The adapter directory is what ``axolotl train`` saved (``adapter_config.json`` + ``adapter_model.safetensors``); its
 ``base_model_name_or_path`` names the base. One model is loaded; "before" answers are generated with the adapter

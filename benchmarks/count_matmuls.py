@@ -4,9 +4,9 @@
 Triton kernels only fold tiles.
 
 One matmul-equivalent = ``2·N·d·V`` flops (one ``[N, d] × [d, V]`` product). Also records the dtype of every GEMM's
-operands (on CPU the engine upcasts to fp32; scripts/roofline.py shows the CUDA policy).
+operands (on CPU the engine upcasts to fp32; benchmarks/roofline.py shows the CUDA policy).
 
-    python scripts/count_matmuls.py            # CPU; Triton under TRITON_INTERPRET=1 if no GPU
+    python benchmarks/count_matmuls.py            # CPU; Triton under TRITON_INTERPRET=1 if no GPU
 """
 
 from __future__ import annotations

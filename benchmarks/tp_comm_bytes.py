@@ -14,8 +14,8 @@ a ring all-reduce sends ``2(R−1)/R · N·d`` elements per rank); it is listed 
 The counts are per rank and per micro-batch of ``N`` tokens (upper bound: the vocab-parallel head drops ignored
 positions first, so it gathers statistics of completion tokens only).
 
-    python scripts/tp_comm_bytes.py --json docs/tp_comm_bytes.json     # table for Llama-3-8B shapes
-    torchrun --standalone --nproc-per-node 2 scripts/tp_comm_bytes.py --measure out.json   # gloo check, CPU
+    python benchmarks/tp_comm_bytes.py --json benchmarks/results/tp_comm_bytes.json     # table for Llama-3-8B shapes
+    torchrun --standalone --nproc-per-node 2 benchmarks/tp_comm_bytes.py --measure out.json   # gloo check, CPU
 
 ``--measure`` runs both paths at a small shape on a gloo group and counts the bytes the process writes to its
 sockets (``wchar`` of ``/proc/self/io`` around each collective; gloo sends with ``write``), next to the formula.

@@ -1,6 +1,6 @@
 """Every Triton kernel of the head (the tile fold in each of its forms, both backward folds, the target logits and the
 direction's finish), compiled ahead of time for sm_80 and sm_90 with the launch's block sizes and the specialisation
-of a full tile of the 8B shape's plan (scripts/kernel_report.py; no GPU needed), is spill-free and fits the
+of a full tile of the 8B shape's plan (benchmarks/kernel_report.py; no GPU needed), is spill-free and fits the
 architecture's shared memory and registers."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for CPU runs
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "kernel_report.py"), "--jobs", "2", "--json", str(out)]
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "kernel_report.py"), "--jobs", "2", "--json", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())["rows"]

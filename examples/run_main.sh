@@ -11,13 +11,13 @@ bash scripts/setup_env.sh
 .venv/bin/python -c "import gguf" 2>/dev/null || .venv/bin/python -m pip install -q "gguf>=0.10.0"
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 WANDB_MODE=disabled
 CONFIG=${1:-yaml_examples/smollm2-135m-edpo-lora.yaml}
-python scripts/prepare_smollm2.py
-python scripts/prepare_hh.py
+python examples/prepare_smollm2.py
+python examples/prepare_hh.py
 axolotl train "$CONFIG"
 OUT=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['output_dir'])" "$CONFIG")
 STATE=$(ls -d "$OUT"/checkpoint-*/trainer_state.json | sort -V | tail -n 1)
-python scripts/plot_training.py "$STATE" --out "$OUT/training.png"
+python examples/plot_training.py "$STATE" --out "$OUT/training.png"
 echo "final β: $(cat "$OUT/edpo_state.json")"
 if [ -f "$OUT/adapter_config.json" ]; then
-  python scripts/before_after.py "$OUT"
+  python examples/before_after.py "$OUT"
 fi

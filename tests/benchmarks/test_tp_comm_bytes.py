@@ -1,4 +1,4 @@
-"""``scripts/tp_comm_bytes.py``'s byte counts against what gloo really writes to its sockets on 2 CPU ranks.
+"""``benchmarks/tp_comm_bytes.py``'s byte counts against what gloo really writes to its sockets on 2 CPU ranks.
 
 At a small shape (N = 256, V = 1000, d = 64, fp32) each rank's ``wchar`` (``/proc/self/io``) around each path's
 collectives must equal the formula plus gloo's message headers (a few hundred bytes per collective; ≤ 1 kB here).
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tp_comm_bytes.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "tp_comm_bytes.py"
 
 
 def test_formula_matches_gloo_bytes(tmp_path):

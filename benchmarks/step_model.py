@@ -1,10 +1,10 @@
 """Modelled time of one ε-DPO LoRA step at 8B (Llama-3-8B-Instruct, the 8B YAMLs' settings) on H100 and A100, for
 the padded, packed and shared-prompt layouts of the HH harmless pairs: no GPU involved, every number **modelled**.
 
-Each micro-batch (``--pairs`` pairs, taken in the order ``docs/padding_ratio_hh_512.json`` lists them: random, seed
-0, every pair that fits in 512 tokens with SmolLM2's chat template — a stand-in for Llama-3's) is modelled kernel by
-kernel with :mod:`edpo_plugin.ops.cost_model`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 · BW))`` + a
-launch each; its GEMM efficiencies, GPUs and launch cost):
+Each micro-batch (``--pairs`` pairs, taken in the order ``benchmarks/results/padding_ratio_hh_512.json`` lists them:
+random, seed 0, every pair that fits in 512 tokens with SmolLM2's chat template — a stand-in for Llama-3's) is modelled
+kernel by kernel with :mod:`edpo_plugin.ops.cost_model`'s per-kernel model (``max(flops / (eff · peak), bytes / (0.85 ·
+BW))`` + a launch each; its GEMM efficiencies, GPUs and launch cost):
 
 - **backbone GEMMs** on the positions each layout runs (padded: ``2B × T``; packed: the real tokens; shared: the
   real tokens less each pair's common prefix): per layer q, k, v, o, gate, up, down, and LoRA's two r-16 GEMMs on
@@ -17,7 +17,7 @@ launch each; its GEMM efficiencies, GPUs and launch cost):
 - **the head**: the planner's own plan for a frozen head (LoRA) on that micro-batch's completion tokens, its
   kernels summed by the same model (``dispatch.best_plan``, ``launches.launches``).
 
-    python scripts/step_model.py --json docs/step_model.json
+    python benchmarks/step_model.py --json benchmarks/results/step_model.json
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def step_seconds(model: Backbone, layout: dict[str, int], gpu: str, packed: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default=str(REPO / "docs" / "padding_ratio_hh_512.json"))
+    parser.add_argument("--lengths", default=str(REPO / "benchmarks" / "results" / "padding_ratio_hh_512.json"))
     parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -157,7 +157,7 @@ def main() -> None:
     batches = [pairs[i : i + args.pairs] for i in range(0, len(pairs) - args.pairs + 1, args.pairs)]
     model = Backbone()
     result = {"meta": {"date": date.today().isoformat(), "model": "modelled (per-kernel, edpo_plugin.ops.cost_model)",
-                       "command": "python scripts/step_model.py" + (f" --json {args.json}" if args.json else ""),
+                       "command": "python benchmarks/step_model.py" + (f" --json {args.json}" if args.json else ""),
                        "lengths": str(Path(args.lengths).relative_to(REPO)), "pairs_per_micro_batch": args.pairs,
                        "micro_batches": len(batches), "backbone": "Llama-3-8B, LoRA r 16 on every linear layer, "
                        "bf16, gradient checkpointing, FlashAttention-2"}}  # fmt: skip

@@ -1,7 +1,7 @@
 """Padded against padding-free ε-DPO on SmolLM2-135M-Instruct + HH harmless (the main job's model and data), one
 process each: backbone tokens per optimizer step, step time, peak RSS and the β trajectories of the runs.
 
-    python scripts/prepare_hh.py && python scripts/bench_padding_free.py --json docs/bench_padding_free.json
+    python examples/prepare_hh.py && python benchmarks/bench_padding_free.py   # writes results/bench_padding_free.json
 
 Three runs by default (``--modes``): ``padded`` (TRL's padded batch), ``packed`` (``padding_free=True``,
 ``edpo_share_prompt=False``: each sequence packed whole) and ``shared`` (``padding_free=True`` with each pair's
@@ -154,11 +154,14 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--order", choices=("random", "file"), default="random", help="which pairs (see _pairs)")
-    p.add_argument("--json", default="bench_padding_free.json")
+    p.add_argument("--json", default=None, help="default: results/bench_padding_free.json (--data-only: "
+                   "results/padding_ratio_hh_<seq-len>.json) beside this file")  # fmt: skip
     p.add_argument("--data-only", action="store_true", help="only the whole dataset's real / padded tokens")
     p.add_argument("--modes", default="padded,packed,shared", help="runs, the first the baseline (see MODES)")
     p.add_argument("--one-run", choices=tuple(MODES), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args()
+    name = f"padding_ratio_hh_{args.seq_len}.json" if args.data_only else "bench_padding_free.json"
+    args.json = args.json or str(REPO / "benchmarks" / "results" / name)
 
     if args.data_only:
         from transformers import AutoTokenizer

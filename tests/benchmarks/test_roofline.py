@@ -1,7 +1,7 @@
-"""scripts/roofline.py prints the planner's plans under the per-kernel model: the committed docs/roofline.json is what
-the code models today, ``auto`` is the planner's choice and meets issue 23's bar against TRL's chunked DPO head (same
-model), no GEMM is modelled faster than the GPU's published best-shape rate, and the model's constants reproduce the
-anchors they were taken from."""
+"""benchmarks/roofline.py prints the planner's plans under the per-kernel model: the committed
+benchmarks/results/roofline.json is what the code models today, ``auto`` is the planner's choice and meets issue 23's
+bar against TRL's chunked DPO head (same model), no GEMM is modelled faster than the GPU's published best-shape rate,
+and the model's constants reproduce the anchors they were taken from."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from edpo_plugin.ops import launches as L
 from edpo_plugin.ops import plan as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMITTED = json.loads(open(os.path.join(REPO, "docs", "roofline.json")).read())
+COMMITTED = json.loads(open(os.path.join(REPO, "benchmarks", "results", "roofline.json")).read())
 OURS = ("auto", "triton", "chunked", "triton-1024x4096", "triton-recompute")
 
 
@@ -28,7 +28,7 @@ OURS = ("auto", "triton", "chunked", "triton-1024x4096", "triton-recompute")
 def fresh(tmp_path_factory):
     out = tmp_path_factory.mktemp("roofline") / "r.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "roofline.py"), "--json", str(out)],
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "roofline.py"), "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -135,7 +135,7 @@ def test_a_committed_measurement_calibrates_the_model(tmp_path):
     done = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, "scripts", "roofline.py"),
+            os.path.join(REPO, "benchmarks", "roofline.py"),
             "--calibration",
             str(path),
             "--json",

@@ -3,8 +3,8 @@ Liger), on a randomly initialised model with the exact Llama-3-8B shape (no down
 gradient checkpointing, PyTorch SDPA attention, LoRA and QLoRA (when bitsandbytes imports; its 4-bit layers also run
 on CPU).
 
-    python scripts/bench_train.py --model llama3-8b --seq-len 2048 --steps 6             # on a GPU
-    python scripts/bench_train.py --model tiny --seq-len 256 --steps 3 --device cpu      # smoke run on CPU
+    python benchmarks/bench_train.py --model llama3-8b --seq-len 2048 --steps 6             # on a GPU
+    python benchmarks/bench_train.py --model tiny --seq-len 256 --steps 3 --device cpu      # smoke run on CPU
 
 Each variant runs in a fresh subprocess. Peak memory: ``torch.cuda.max_memory_allocated`` (CUDA) or the growth of
 peak RSS over the RSS after the model is built (CPU). Tokens/s: non-padding tokens (chosen + rejected sequences)
@@ -24,7 +24,9 @@ import sys
 import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
+RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("edpo-fused", "edpo-naive", "dpo", "dpo-liger")
 SHAPES = {
     # Meta-Llama-3-8B's config.json
@@ -141,12 +143,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--adapters", default="lora,qlora", help="qlora is skipped when bitsandbytes does not import")
-    p.add_argument("--tokenizer", default=".tiny/model", help="any local tokenizer (scripts/make_tiny_default.py)")
-    p.add_argument("--json", default="bench_train.json")
+    p.add_argument("--tokenizer", default=".tiny/model", help="any local tokenizer (examples/make_tiny_default.py)")
+    p.add_argument("--json", default=None, help="default: results/bench_train_<device>.json beside this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.json = args.json or str(RESULTS / f"bench_train_{'gpu' if args.device == 'cuda' else 'cpu'}.json")
     if args.child:
         print(json.dumps(run_variant(args)))
         return

@@ -1,14 +1,14 @@
 """Stock DPO vs ε-DPO from the same Axolotl YAML, evaluated on held-out Anthropic HH (harmless) pairs.
 
-python scripts/compare_dpo.py                   # CPU default (SmolLM2-135M-Instruct, full fine-tuning, short run)
-python scripts/compare_dpo.py --paper-hh        # prints the paper's HH protocol (a GPU sweep over β) and exits
-python scripts/compare_dpo.py --paper-hh --run  # runs that sweep (GPU; not run by this project yet)
+python benchmarks/compare_dpo.py                   # CPU default (SmolLM2-135M-Instruct, full fine-tuning, short run)
+python benchmarks/compare_dpo.py --paper-hh        # prints the paper's HH protocol (a GPU sweep over β) and exits
+python benchmarks/compare_dpo.py --paper-hh --run  # runs that sweep (GPU; not run by this project yet)
 
 Both runs come from ``yaml_examples/smollm2-135m-edpo-lora.yaml`` with the LoRA keys removed (full fine-tuning: Axolotl
 does not seed LoRA initialisation on its DPO path, full fine-tuning starts both runs from the same weights). The stock
 run drops the plugin and the ``edpo_*`` keys and sets ``rl: dpo``; everything else — seed, data and its order,
 β0 (``rl_beta``), optimiser, steps — is shared. Evaluation, independent of either trainer, on the held-out split of
-``scripts/prepare_hh.py`` (pairs longer than ``sequence_len`` are skipped, as in training):
+``examples/prepare_hh.py`` (pairs longer than ``sequence_len`` are skipped, as in training):
 
 - preference accuracy: fraction of pairs whose implicit reward prefers the chosen completion,
   ``[log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)] > 0`` (the sign does not depend on β);
@@ -19,8 +19,8 @@ run drops the plugin and the ``edpo_*`` keys and sets ``rl: dpo``; everything el
   ``log π(y|x) − log π_ref(y|x)`` summed over the sampled tokens. It estimates the KL of the length-truncated
   completion distribution; with few samples it is noisy (its standard error is printed).
 
-Writes ``docs/compare.json`` and ``docs/compare.png`` (training curves and the KL-vs-accuracy points) and prints a
-markdown table.
+Writes ``benchmarks/results/compare.json`` and the picture ``docs/compare.md`` shows, ``docs/compare.png`` (training
+curves and the KL-vs-accuracy points), and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "examples"))
 import prepare_hh  # noqa: E402
 
 BASE_YAML = REPO / "yaml_examples" / "smollm2-135m-edpo-lora.yaml"
@@ -239,7 +239,7 @@ def main() -> None:
     p.add_argument("--kl-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "compare")
-    p.add_argument("--json", type=Path, default=REPO / "docs" / "compare.json")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "compare.json")
     p.add_argument("--png", type=Path, default=REPO / "docs" / "compare.png")
     p.add_argument("--paper-hh", action="store_true", help="the paper's HH protocol (GPU): print it, or run with --run")
     p.add_argument("--run", action="store_true", help="with --paper-hh: run the sweep")

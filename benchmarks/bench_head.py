@@ -5,11 +5,11 @@ the growth of the process's peak RSS over its RSS with the inputs allocated, on 
 ``torch.cuda.max_memory_allocated``. Time is the median of ``--repeats`` forward+backward calls after one
 warm-up. On CPU, compare implementations by their ratio within one run (absolute CPU times say little).
 
-    python scripts/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
-    python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
-    python scripts/bench_head.py --gpu-suite --json docs/bench_head_gpu.json      # what scripts/gpu_suite.sh runs
-    python scripts/bench_head.py --gpu-suite --dry-run --json /tmp/dry.json       # the suite's code path on CPU
-    python scripts/bench_head.py --impls chunked --before /tmp/base --rounds 6 --repeats 4   # A/B two checkouts
+    python benchmarks/bench_head.py                                  # CPU default: fp32, N=2048, d=256, V=128256
+    python benchmarks/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 4096 --liger
+    python benchmarks/bench_head.py --gpu-suite       # what gpu_suite.sh runs; writes results/bench_head_gpu.json
+    python benchmarks/bench_head.py --gpu-suite --dry-run --json /tmp/dry.json       # the suite's code path on CPU
+    python benchmarks/bench_head.py --impls chunked --before /tmp/base --rounds 6 --repeats 4   # A/B two checkouts
 
 ``--gpu-suite`` = CUDA, bf16, N=8192, d=4096, V=128256, frozen and trainable heads: the planner's plan (``auto``)
 and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyTorch fold at the planner's tiles
@@ -17,11 +17,11 @@ and two alternatives — the round-1 tiles (``triton`` 1024 × 4096) and the PyT
 instead of keeping ``P``), and TRL 1.16's ``ChunkedLogProbFunction`` as a DPO head (policy with gradient +
 reference) when its wheel is installed. Each row records the plan that ran, its modelled time
 (:mod:`edpo_plugin.ops.cost_model`) with the table's constants and with this GPU's measured GEMM efficiencies
-(``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which a committed
-``docs/bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.cost_model.calibrated`. TFLOP/s counts useful
+(``calibration``: GEMMs of the plans' shapes and a streaming copy, timed with CUDA events), which the suite's
+``bench_head_gpu.json`` hands to :func:`edpo_plugin.ops.cost_model.calibrated`. TFLOP/s counts useful
 matmul-equivalents (``2·N·d·V`` each: 3 for a frozen head, 5 for a trainable one, for every implementation).
 
-Prints a table and writes JSON (``--json``).
+Prints a table and writes JSON (``--json``; by default into ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -281,23 +284,30 @@ def triton_self_check(dtype: str) -> bool:
     return triton_passes_self_check(torch.device("cuda"), getattr(torch, DTYPES[dtype]))
 
 
+def _bench_head_in(checkout: str) -> str:
+    """This script in another checkout: ``benchmarks/bench_head.py``, or ``scripts/bench_head.py`` before the move."""
+    for room in ("benchmarks", "scripts"):
+        path = os.path.join(checkout, room, "bench_head.py")
+        if os.path.isfile(path):
+            return path
+    raise SystemExit(f"--before {checkout}: no benchmarks/bench_head.py or scripts/bench_head.py there")
+
+
 def compare_checkouts(args: argparse.Namespace) -> None:
     """A/B on one machine in one run: for ``--rounds`` rounds (the order of the two sides alternating), each head and
     each of ``--impls`` runs once from the ``--before`` checkout and once from this one (``--repeats`` timed steps
     each, in fresh processes); reports per side the minimum and the median step time and the largest peak extra
     memory, and the ratios this / before. The minimum is the figure that resists other load on a shared machine."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sides = {"before": os.path.abspath(args.before), "after": here}
+    sides = {"before": os.path.abspath(args.before), "after": str(REPO)}
     runs: dict = {}
     for rnd in range(args.rounds):
         order = list(sides.items()) if rnd % 2 == 0 else list(sides.items())[::-1]
         for side, root in order:
             for head in args.heads.split(","):
                 for impl in args.impls.split(","):
-                    cmd = [sys.executable, os.path.join(root, "scripts", "bench_head.py"), "--child", "--impl", impl,
-                           "--head", head, "--device", args.device, "--dtype", args.dtype, "--tokens",
-                           str(args.tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--repeats",
-                           str(args.repeats)]  # fmt: skip
+                    cmd = [sys.executable, _bench_head_in(root), "--child", "--impl", impl, "--head", head,
+                           "--device", args.device, "--dtype", args.dtype, "--tokens", str(args.tokens), "--dim",
+                           str(args.dim), "--vocab", str(args.vocab), "--repeats", str(args.repeats)]  # fmt: skip
                     env = dict(os.environ, PYTHONPATH=root)
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                     r = json.loads(done.stdout.strip().splitlines()[-1])
@@ -342,9 +352,9 @@ def main() -> None:
     p.add_argument("--heads", default="frozen,trainable")
     p.add_argument("--liger", action="store_true", help="also time TRL/Liger's LigerFusedLinearDPOLoss")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--gpu-suite", action="store_true", help="the GPU run of scripts/gpu_suite.sh (see the docstring)")
+    p.add_argument("--gpu-suite", action="store_true", help="the GPU run of gpu_suite.sh (see the docstring)")
     p.add_argument("--dry-run", action="store_true", help="with --gpu-suite: its code path on CPU, tiny shape")
-    p.add_argument("--json", default="bench_head.json")
+    p.add_argument("--json", default=None, help="default: results/bench_head_<device>[_ab|_dry].json beside this file")
     p.add_argument("--before", default=None, help="a checkout of the code before a change: A/B its --impls against "
                    "this one's, interleaved, --rounds times (see compare_checkouts)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=4)
@@ -355,6 +365,10 @@ def main() -> None:
     p.add_argument("--vocab-chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--workspace-mb", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.json is None:
+        device = "gpu" if args.gpu_suite or args.device.startswith("cuda") else "cpu"
+        suffix = "_ab" if args.before else "_dry" if args.dry_run else ""
+        args.json = str(RESULTS / f"bench_head_{device}{suffix}.json")
 
     if args.child:
         print(json.dumps(run_one(args)))

@@ -1,4 +1,4 @@
-"""Parity of every kept head path on a GPU against float64 computed on the same GPU (part of scripts/gpu_suite.sh).
+"""Parity of every kept head path on a GPU against float64 computed on the same GPU (part of benchmarks/gpu_suite.sh).
 
 For each path (``chunked``, ``triton``, ``auto``), head (frozen shared; trainable unshared under the default workspace
 budget, where the planner keeps ``P``; trainable with a 1 MiB budget, where it recomputes), dtype (bf16, fp32) and
@@ -7,8 +7,8 @@ logit transform (plain; scale + soft cap + bias), at a shape with several token 
 error, the gradients' relative error, and whether a policy equal to its reference gives bit-identical streams (the
 engine's two identical-shape GEMMs). Prints a table, writes JSON, exits non-zero on a failure.
 
-    python scripts/gpu_parity.py --json docs/gpu_parity.json
-    python scripts/gpu_parity.py --device cpu --small        # dry run of this script (Triton under the interpreter)
+    python benchmarks/gpu_parity.py --json benchmarks/results/gpu_parity.json
+    python benchmarks/gpu_parity.py --device cpu --small        # dry run of this script (Triton under the interpreter)
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/spec_reference.py, the tests' float64 yardstick
+from tests.spec_reference import token_logprobs64  # noqa: E402
 
 STREAM_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2**-7}
@@ -30,21 +33,6 @@ HEADS = (("frozen", None), ("trainable", None), ("trainable", 1))  # (head, work
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def _want64(h, w, b, hr, wr, br, labels, eps, scale, cap):
-    def logits(hh, ww, bb):
-        z = hh.double() @ ww.double().T + (0 if bb is None else bb.double())
-        z = z * scale
-        return z if cap is None else cap * torch.tanh(z / cap)
-
-    z, zr = logits(h, w, b), logits(hr, wr, br)
-    valid = labels != -100
-    y = labels.clamp(min=0).unsqueeze(1)
-    out = []
-    for zz in (z, zr, z + eps * (z - zr), z - eps * (z - zr)):
-        out.append(torch.where(valid, zz.log_softmax(-1).gather(1, y).squeeze(1), 0.0))
-    return out
 
 
 def check(path: str, head: str, workspace_mb: int | None, dtype: torch.dtype, transformed: bool,
@@ -82,7 +70,8 @@ def check(path: str, head: str, workspace_mb: int | None, dtype: torch.dtype, tr
     h64 = leaves64[0]
     w64 = leaves64[1] if trainable else w.detach()
     b64 = (leaves64[2] if trainable else b.detach()) if b is not None else None
-    want = _want64(h64, w64, b64, hr, wr if trainable else w64, br if trainable else b64, labels, 0.05, scale, cap)
+    want = token_logprobs64(h64, w64, labels, hr, wr if trainable else w64, 0.05, bias=b64,
+                            ref_bias=br if trainable else b64, scale=scale, softcap=cap)  # fmt: skip
     upstream = torch.randn(n, generator=g).to(device=device, dtype=torch.float64)
     grads = torch.autograd.grad((out.policy.double() * upstream).sum(), leaves)
     grads64 = torch.autograd.grad((want[0] * upstream).sum(), leaves64)

@@ -1,12 +1,13 @@
 """Plot an ε-DPO run from its ``trainer_state.json``: β, the fractions of +ε / −ε decisions, reward margin, loss.
 
-python scripts/plot_training.py outputs/tiny-edpo/checkpoint-30/trainer_state.json --out training.png
+python examples/plot_training.py outputs/tiny-edpo/checkpoint-30/trainer_state.json   # writes training.png beside it
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import matplotlib
 
@@ -51,8 +52,9 @@ def plot(rows: list[dict], out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trainer_state", help="path to trainer_state.json (in a checkpoint folder)")
-    p.add_argument("--out", default="training.png")
+    p.add_argument("--out", default=None, help="default: training.png beside trainer_state.json")
     args = p.parse_args()
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.trainer_state)), "training.png")
     plot(load_train_logs(args.trainer_state), args.out)
     print(f"wrote {args.out}")
 

@@ -17,12 +17,12 @@ out of order, repeated, or counting down: ``six five four``).
 
 Usage::
 
-    python scripts/make_tiny_default.py                 # writes .tiny/ in the repository root
-    python scripts/make_tiny_default.py --out /tmp/tiny --seed 1 --n-train 512 --force
+    python examples/make_tiny_default.py                 # writes .tiny/ in the repository root
+    python examples/make_tiny_default.py --out /tmp/tiny --seed 1 --n-train 512 --force
 
 or from Python::
 
-    from scripts.make_tiny_default import build_tiny_default  # or load the file via importlib
+    from examples.make_tiny_default import build_tiny_default  # or load the file via importlib
     paths = build_tiny_default(".tiny")
 """
 

@@ -17,7 +17,7 @@ The model (constants and sources in ``edpo_plugin/ops/cost_model.py``): per kern
 ``max(flops / (eff · peak), bytes / (0.85 · bandwidth)) + 4 µs``, ``+ 20 µs`` per host sync; GEMM efficiency by size,
 capped at the GPU's published best-shape rate. **Modelled, not measured.**
 
-    python scripts/roofline.py --json docs/roofline.json
+    python benchmarks/roofline.py --json benchmarks/results/roofline.json
 """
 
 from __future__ import annotations

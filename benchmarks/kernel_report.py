@@ -1,14 +1,14 @@
 """Static facts about the Triton kernels of the ε-DPO head, compiled ahead of time for sm_80 and sm_90 (no GPU).
 
-Each kernel variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` using
-the specialisation the JIT applies at launch on a full tile of the plan ``auto`` runs at the 8B shape on an H100
-(docs/roofline.json: token chunk 4096 × vocabulary tile 65536, d = 4096, V = 128256: pointers, strides and sizes
-16-divisible), the launch's own block sizes (:func:`edpo_plugin.ops.plan.fold_blocks`), and reports registers, spill
-bytes (Triton's bundled ``ptxas -v`` on the generated PTX), stack and shared memory (``cuobjdump -res-usage`` on the
-cubin) and the theoretical occupancy (resident warps per SM out of 64). The GEMMs are cuBLAS calls, not Triton
+Each kernel variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` using the
+specialisation the JIT applies at launch on a full tile of the plan ``auto`` runs at the 8B shape on an H100
+(benchmarks/results/roofline.json: token chunk 4096 × vocabulary tile 65536, d = 4096, V = 128256: pointers, strides and
+sizes 16-divisible), the launch's own block sizes (:func:`edpo_plugin.ops.plan.fold_blocks`), and reports registers,
+spill bytes (Triton's bundled ``ptxas -v`` on the generated PTX), stack and shared memory (``cuobjdump -res-usage`` on
+the cubin) and the theoretical occupancy (resident warps per SM out of 64). The GEMMs are cuBLAS calls, not Triton
 kernels.
 
-    python scripts/kernel_report.py --json docs/kernel_report.json
+    python benchmarks/kernel_report.py --json benchmarks/results/kernel_report.json
 
 Must run without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler); needs no GPU or driver.
 """

@@ -12,7 +12,7 @@ padded / packed / shared-prompt layouts on an 8B-width Llama stack.
    HH harmless medians scaled to 2048 tokens (prompt 472, chosen 112, rejected 144). CUDA events, median of
    ``--repeats`` after one warm-up.
 
-    python scripts/gpu_padding_free.py --json docs/bench_padding_free_gpu.json
+    python benchmarks/gpu_padding_free.py --json benchmarks/results/bench_padding_free_gpu.json
 
 On a machine without CUDA it runs a small dry run on CPU (the reference kernel standing in) and writes nothing.
 """
@@ -158,7 +158,7 @@ def main() -> None:
             "machine": platform.platform(),
             "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
             "torch": torch.__version__,
-            "command": "python scripts/gpu_padding_free.py" + (f" --json {args.json}" if args.json else ""),
+            "command": "python benchmarks/gpu_padding_free.py" + (f" --json {args.json}" if args.json else ""),
             "layers": args.layers,
             "pairs": args.pairs,
         },

@@ -2,9 +2,9 @@
 runs) against one SDPA call over the whole row with a ``[N, N]`` block mask built once per micro-batch from the same
 layout (the alternative issue 24 names). Forward + backward of a SmolLM2-135M-wide Llama stack (random weights,
 ``--layers`` layers) on one micro-batch of ``--pairs`` HH-like pairs with shared prompts (lengths drawn around the HH
-harmless medians at 512 tokens: prompt 118, chosen 28, rejected 36, ``docs/padding_ratio_hh_512.json``).
+harmless medians at 512 tokens: prompt 118, chosen 28, rejected 36, ``benchmarks/results/padding_ratio_hh_512.json``).
 
-    python scripts/bench_packed_attention.py --json docs/bench_packed_attention_cpu.json
+    python benchmarks/bench_packed_attention.py --json benchmarks/results/bench_packed_attention_cpu.json
 
 Prints a table (median of ``--repeats`` timed runs after one warm-up, both ways interleaved) and writes JSON.
 """
@@ -122,7 +122,7 @@ def main() -> None:
         "meta": {
             "date": date.today().isoformat(),
             "machine": platform.platform(),
-            "command": "python scripts/bench_packed_attention.py" + (f" --json {args.json}" if args.json else ""),
+            "command": "python benchmarks/bench_packed_attention.py" + (f" --json {args.json}" if args.json else ""),
             "torch": torch.__version__,
             "pairs": args.pairs,
             "layers": args.layers,

@@ -1,7 +1,7 @@
 """Anthropic HH (harmless-base, test split) → preference rows for Axolotl's ``chat_template.default`` and for TRL.
 
-python scripts/prepare_hh.py                      # data/hh-rlhf-harmless-base-test.jsonl.gz → .data/hh-harmless/
-python scripts/prepare_hh.py --heldout 200 --out .data/hh-harmless
+python examples/prepare_hh.py                      # data/hh-rlhf-harmless-base-test.jsonl.gz → .data/hh-harmless/
+python examples/prepare_hh.py --heldout 200 --out .data/hh-harmless
 
 Each HH row is two dialogues, ``"\\n\\nHuman: …\\n\\nAssistant: …"``, that share every turn but the last
 ``Assistant:`` one. That last turn is the completion; everything before it is the prompt, kept as a multi-turn message

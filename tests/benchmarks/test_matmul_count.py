@@ -1,7 +1,8 @@
 """Matmul-equivalents per head path, counted by running each path under a dispatch mode that sees every mm variant
-(scripts/count_matmuls.py): 3 for a frozen head, 5 for a trainable head that recomputes its tiles, 4 for one whose plan
-keeps P; the modelled GPU plans (docs/roofline.json: the planner's own launch lists, which test_plan.py checks against
-what the engine dispatches) do the same work with CUDA's GEMM policy: no fp32 GEMM on bf16 inputs."""
+(benchmarks/count_matmuls.py): 3 for a frozen head, 5 for a trainable head that recomputes its tiles, 4 for one whose
+plan keeps P; the modelled GPU plans (benchmarks/results/roofline.json: the planner's own launch lists, which
+test_plan.py checks against what the engine dispatches) do the same work with CUDA's GEMM policy: no fp32 GEMM on bf16
+inputs."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def counted(tmp_path_factory):
     out = tmp_path_factory.mktemp("count") / "count.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "count_matmuls.py"), "--json", str(out)],
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "count_matmuls.py"), "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -42,7 +43,7 @@ def test_fused_paths_do_3_and_5_matmul_equivalents(counted):
 def test_modelled_plans_do_the_same_matmul_equivalents_on_tensor_cores():
     """At the 8B shape every ε-DPO plan's GEMM work is 3 (frozen), 5 (recomputing) or 4 (keeping P)
     matmul-equivalents, all of it on tensor cores (bf16 operands, fp32 output)."""
-    doc = json.loads(open(os.path.join(REPO, "docs", "roofline.json")).read())
+    doc = json.loads(open(os.path.join(REPO, "benchmarks", "results", "roofline.json")).read())
     unit = 2 * doc["shape"]["n"] * doc["shape"]["d"] * doc["shape"]["vocab"] / 1e12
     for r in doc["rows"]:
         if r["path"] in ("auto", "chunked", "triton", "triton-1024x4096", "triton-recompute"):
