@@ -22,7 +22,7 @@ import torch
 
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
 from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs, as_transform, check_inputs
-from edpo_plugin.ops.dispatch import IMPLS, resolve_impl, triton_available
+from edpo_plugin.ops.dispatch import IMPLS, choose_plan, resolve_impl, triton_available
 from edpo_plugin.ops.naive import naive_linear_logprobs
 from edpo_plugin.ops.transform import LogitTransform
 from edpo_plugin.ops.vocab_parallel import dtensor_linear_logprobs, is_dtensor, vocab_parallel_linear_logprobs
@@ -87,7 +87,7 @@ def linear_logprobs(
     check_inputs(call)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
-    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
+    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb, planner=choose_plan)
     if is_dtensor(weight):  # a tensor-parallel lm_head sharded over the vocabulary: statistics cross ranks, not logits
         return dtensor_linear_logprobs(call, request)
     flat = call.flat()

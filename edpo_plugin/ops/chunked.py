@@ -22,10 +22,12 @@ Autocast is disabled inside forward and backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from edpo_plugin.ops import engine
 from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard, gather_statistics, merge_statistics, reduce_hidden_grad
 from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs
 from edpo_plugin.ops.engine import (
@@ -37,15 +39,43 @@ from edpo_plugin.ops.engine import (
 )
 from edpo_plugin.ops.plan import HeadPlan, HeadShape
 
+# planner(shape, device, impl, token_chunk, vocab_chunk, workspace_mb) -> plan: edpo_plugin.ops.dispatch.choose_plan
+Planner = Callable[[HeadShape, torch.device, str, int | None, int | None, int | None], HeadPlan]
+
 
 class PlanRequest(NamedTuple):
-    """What the caller asked of the planner: the implementation, tiles (None: the planner's), workspace budget."""
+    """What the caller asked of the planner: the implementation, tiles (None: the planner's), workspace budget, and
+    the planner that turns them into a plan for the call's shape (the caller's: this module runs plans, it does not
+    choose them); or a fixed ``plan`` (tests, the Triton self-check, scripts)."""
 
     impl: str = "auto"
     token_chunk: int | None = None
     vocab_chunk: int | None = None
     workspace_mb: int | None = None
-    plan: HeadPlan | None = None  # a fixed plan (tests, scripts): skips the planner
+    plan: HeadPlan | None = None
+    planner: Planner | None = None
+
+
+class HeadKernels(NamedTuple):
+    """What a plan runs besides the GEMMs: the tile fold, the backward folds (from recomputed logits, from kept
+    ``P``), the target logits before the sweep and the frozen head's direction after it."""
+
+    fold: Callable
+    grad_fold: Callable
+    grad_fold_probs: Callable
+    targets: Callable
+    finish: Callable
+
+
+def kernels_of(plan: HeadPlan) -> HeadKernels:
+    """The plan's per-tile and per-call kernels: Triton's, or their PyTorch forms in the engine."""
+    if plan.impl == "triton":
+        from edpo_plugin.ops import triton_fold as t
+
+        return HeadKernels(t.fold_triton, t.grad_fold_triton, t.grad_fold_probs_triton, t.targets_triton,
+                           t.finish_triton)  # fmt: skip
+    return HeadKernels(engine.fold_torch, engine.grad_fold_torch, engine.grad_fold_probs_torch,
+                       engine.gather_targets, engine.direction_from)  # fmt: skip
 
 
 class _Fixed(NamedTuple):
@@ -93,9 +123,11 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 def _plan_for(request: PlanRequest, shape: HeadShape, device: torch.device) -> HeadPlan:
     if request.plan is not None:
         return request.plan
-    from edpo_plugin.ops.dispatch import choose_plan
-
-    return choose_plan(shape, device, request.impl, request.token_chunk, request.vocab_chunk, request.workspace_mb)
+    if request.planner is None:
+        raise ValueError(
+            "fused_linear_logprobs needs a PlanRequest with a plan or a planner (linear_logprobs sets one)."
+        )
+    return request.planner(shape, device, request.impl, request.token_chunk, request.vocab_chunk, request.workspace_mb)
 
 
 def _forward(ctx, call: HeadCall, request: PlanRequest, shard: VocabShard | None):
@@ -117,7 +149,7 @@ def _forward(ctx, call: HeadCall, request: PlanRequest, shard: VocabShard | None
                       dtype=hidden.dtype if same_dtype else torch.float32, head=head, shared=ref.w is policy.w,
                       bias=bias is not None, ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
     plan = _plan_for(request, shape, hidden.device)
-    kernels = plan.kernels()
+    kernels = kernels_of(plan)
 
     owned = None
     if shard is None:
@@ -180,7 +212,7 @@ def _backward(ctx, grad_policy):
         _, y, row_max, row_logsum, h, weight, bias, target_p, probs, probs_ref = ctx.saved_tensors
         policy = HeadOperands(h, weight.detach(), None if bias is None else bias.detach())
         plan, transform = ctx.plan, ctx.transform
-        kernels = plan.kernels()
+        kernels = kernels_of(plan)
         if plan.keep_probs:
             grad_valid, grad_weight, grad_bias = probs_grads(plan, policy, y, row_max, row_logsum, target_p, probs,
                                                              probs_ref, g, transform, want,

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -85,17 +83,6 @@ class HeadShape:
         return torch.empty((), dtype=self.dtype).element_size()
 
 
-class HeadKernels(NamedTuple):
-    """What a plan runs besides the GEMMs: the tile fold, the backward folds (from recomputed logits, from kept
-    ``P``), the target logits before the sweep and the frozen head's direction after it."""
-
-    fold: Callable
-    grad_fold: Callable
-    grad_fold_probs: Callable
-    targets: Callable
-    finish: Callable
-
-
 @dataclass(frozen=True)
 class HeadPlan:
     """What the engine runs for one call (see the module docstring)."""
@@ -127,18 +114,6 @@ class HeadPlan:
 
     def vocab_tiles(self, vocab: int) -> list[tuple[int, int]]:
         return [(a, min(a + self.vocab_chunk, vocab)) for a in range(0, vocab, self.vocab_chunk)]
-
-    def kernels(self) -> HeadKernels:
-        """The plan's per-tile and per-call kernels: Triton's or their PyTorch forms."""
-        if self.impl == "triton":
-            from edpo_plugin.ops import triton_fold as t
-
-            return HeadKernels(t.fold_triton, t.grad_fold_triton, t.grad_fold_probs_triton, t.targets_triton,
-                               t.finish_triton)  # fmt: skip
-        from edpo_plugin.ops import engine as e
-
-        return HeadKernels(e.fold_torch, e.grad_fold_torch, e.grad_fold_probs_torch, e.gather_targets,
-                           e.direction_from)  # fmt: skip
 
     def describe(self) -> str:
         keep = ", keeps P" if self.keep_probs else ""

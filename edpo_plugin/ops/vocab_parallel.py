@@ -29,7 +29,7 @@ import torch.distributed as dist
 from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
 from edpo_plugin.ops.collectives import STAT_ROWS, VocabShard
 from edpo_plugin.ops.contract import HeadCall, HeadOperands, LinearLogprobs, as_transform, check_inputs
-from edpo_plugin.ops.dispatch import IMPLS
+from edpo_plugin.ops.dispatch import IMPLS, choose_plan
 from edpo_plugin.ops.transform import LogitTransform
 
 __all__ = [
@@ -94,7 +94,7 @@ def vocab_parallel_linear_logprobs(
     """
     call = HeadCall(HeadOperands(hidden, weight, bias), HeadOperands(ref_hidden, ref_weight, ref_bias), labels,
                     float(epsilon), ignore_index, as_transform(transform))  # fmt: skip
-    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb)
+    request = PlanRequest(impl, token_chunk, vocab_chunk, workspace_mb, planner=choose_plan)
     return shard_linear_logprobs(call, request, VocabShard(int(vocab_start), group))
 
 
