@@ -13,6 +13,7 @@ from edpo_plugin.trainer import EpsilonDPOConfig
 from edpo_plugin.trainer.options import OPTIONS, REFUSALS, EpsilonDPOFields
 from tests.option_cases import ACCEPTED, REFUSED, trl_config
 
+
 def test_config_fields_are_the_options_table(tmp_path):
     fields = dataclasses.fields(EpsilonDPOFields)
     assert [f.name for f in fields] == [o.name for o in OPTIONS]
