@@ -152,8 +152,8 @@ def check_option(option: Option, value: Any, spelling: Spelling = TRL_SPELLING) 
 class Refusal:
     """A DPO setting ε-DPO cannot honour: TRL's ``field`` set (not None) to a value for which ``refused(value)``.
     ``message`` is formatted with ``setting`` (the field and its value, as the user wrote them), ``name``, ``value``,
-    ``fix`` (the field set to ``fix``), ``method`` ("ε-DPO" or "rl: edpo") and any TRL name in braces (that field's
-    name as the user writes it); it says the fix."""
+    ``fix`` (the field set to ``fix``), ``method`` ("ε-DPO" or "rl: edpo") and each option's name (``{edpo_head}``: as
+    the user writes it); it says the fix."""
 
     field: str
     refused: Callable[[Any], bool]
@@ -191,6 +191,7 @@ REFUSALS: tuple[Refusal, ...] = (
         "whole vocabulary at every completion token, so the reference forward must run each step. Set {fix}.",
         fix=False,
     ),
+    # a DPOConfig field of TRL before 1.0 (1.9-1.16 have none): refused wherever a config carries it
     Refusal(
         "reference_free", bool,
         "{setting} is impossible for {method}: the perturbed policies need the reference. Set {fix}.", fix=False,
@@ -226,17 +227,6 @@ REFUSALS: tuple[Refusal, ...] = (
 )  # fmt: skip
 
 
-class _Names(dict):
-    """Format fields of a refusal message: its own, and any other TRL name in braces as the user writes it."""
-
-    def __init__(self, spelling: Spelling, **known: str) -> None:
-        super().__init__(known)
-        self.spelling = spelling
-
-    def __missing__(self, trl_name: str) -> str:
-        return self.spelling.name(trl_name)
-
-
 def check_settings(values: Mapping[str, Any], spelling: Spelling = TRL_SPELLING, device: str | None = None) -> None:
     """Raise ``ValueError`` on the first setting in ``values`` (TRL names; None or absent: unset) that ε-DPO cannot
     honour: each of ``REFUSALS``, ``edpo_share_prompt`` without ``padding_free``, and ``edpo_head='triton'`` where the
@@ -245,15 +235,16 @@ def check_settings(values: Mapping[str, Any], spelling: Spelling = TRL_SPELLING,
     for refusal in REFUSALS:
         value = values.get(refusal.field)
         if value is not None and _refuses(refusal, value):
-            names = _Names(
-                spelling,
-                setting=spelling.setting(refusal.field, value),
-                name=spelling.name(refusal.field),
-                value=spelling.value(value),
-                fix=spelling.setting(refusal.field, refusal.fix),
-                method=spelling.method,
+            raise ValueError(
+                refusal.message.format(
+                    setting=spelling.setting(refusal.field, value),
+                    name=spelling.name(refusal.field),
+                    value=spelling.value(value),
+                    fix=spelling.setting(refusal.field, refusal.fix),
+                    method=spelling.method,
+                    **{name: spelling.name(name) for name in OPTION_NAMES},
+                )
             )
-            raise ValueError(refusal.message.format_map(names))
     if values.get("edpo_share_prompt") and not values.get("padding_free"):
         raise ValueError(
             f"{spelling.setting('edpo_share_prompt', True)} shares prompts inside packed rows: it needs "
