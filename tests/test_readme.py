@@ -34,21 +34,25 @@ def _literal(cell: str):
 
 
 def test_options_table_names_real_fields_with_their_defaults():
-    from edpo_plugin.axolotl.args import CFG_TO_ARGS, EDPOArgs
+    """Each option of the options table has a row naming its YAML and EpsilonDPOConfig fields, and its default there
+    is the table's, EpsilonDPOConfig's and the Axolotl YAML field's; the other rows name real fields."""
+    from edpo_plugin.axolotl.args import EDPOArgs
     from edpo_plugin.trainer import EpsilonDPOConfig
+    from edpo_plugin.trainer.options import OPTIONS
 
     config = EpsilonDPOConfig(output_dir="unused", report_to=[], bf16=False)
-    yaml_fields = EDPOArgs.model_fields
-    rows = _options_rows()
-    edpo = [r for r in rows if r[0].startswith("`edpo_")]
-    assert {r[0].strip("`") for r in edpo} == set(CFG_TO_ARGS), "every edpo_* YAML field has a row, and no other"
-    for yaml_name, args_name, _meaning, default, _valid in rows:
-        yaml_name, args_name = yaml_name.strip("`"), args_name.strip("`")
-        assert hasattr(config, args_name), f"EpsilonDPOConfig has no {args_name}"
-        if yaml_name in CFG_TO_ARGS:
-            assert CFG_TO_ARGS[yaml_name] == args_name
-            assert yaml_fields[yaml_name].default == _literal(default) == getattr(config, args_name), yaml_name
-    padding = next(r for r in rows if r[0] == "`dpo_padding_free`")
+    rows = {r[0].strip("`"): r for r in _options_rows()}
+    assert [o.yaml for o in OPTIONS] == [name for name in rows if name.startswith("edpo_")], "one row per option"
+    for option in OPTIONS:
+        _yaml_name, args_name, _meaning, default, _valid = rows[option.yaml]
+        assert args_name.strip("`") == option.name
+        readme_default = _literal(default)
+        assert readme_default == option.default == getattr(config, option.name), option.name
+        assert type(readme_default) is type(option.default), option.name  # true is not 1
+        assert EDPOArgs.model_fields[option.yaml].default == option.default, option.yaml
+    for _yaml_name, args_name, _meaning, _default, _valid in rows.values():
+        assert hasattr(config, args_name.strip("`")), f"EpsilonDPOConfig has no {args_name}"
+    padding = rows["dpo_padding_free"]
     assert getattr(config, padding[1].strip("`")) is _literal(padding[3]) is False
 
 

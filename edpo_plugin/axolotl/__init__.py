@@ -26,7 +26,7 @@ class EDPOPlugin(BasePlugin):
 
     def get_training_args_mixin(self) -> str:
         """ε-DPO's fields become declared fields of Axolotl's training args (``args.to_dict()``, hparams logs)."""
-        return "edpo_plugin.trainer.config.EpsilonDPOFields"
+        return "edpo_plugin.trainer.options.EpsilonDPOFields"
 
     def get_training_args(self, cfg: Any) -> dict[str, Any] | None:
         """The validated YAML values of ε-DPO's fields, for ``rl: edpo`` runs only."""

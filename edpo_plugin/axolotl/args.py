@@ -3,66 +3,62 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
 
-from edpo_plugin.ops.dispatch import check_triton_usable
-from edpo_plugin.trainer.config import EpsilonDPOFields
+from edpo_plugin.trainer.options import OPTIONS, Spelling, check_option, check_settings
 
 TRAINER_CLS = "edpo_plugin.axolotl.trainer.AxolotlEpsilonDPOTrainer"
-# YAML field -> training-args field (EpsilonDPOFields); the defaults are EpsilonDPOFields' own
-CFG_TO_ARGS = {
-    "edpo_epsilon": "epsilon",
-    "edpo_head": "edpo_head",
-    "edpo_head_token_chunk": "edpo_head_token_chunk",
-    "edpo_head_vocab_chunk": "edpo_head_vocab_chunk",
-    "edpo_head_workspace_mb": "edpo_head_workspace_mb",
-    "edpo_head_check": "edpo_head_check",
-    "edpo_share_prompt": "edpo_share_prompt",
+# YAML field -> training-args field (EpsilonDPOFields), from the options table
+CFG_TO_ARGS = {option.yaml: option.name for option in OPTIONS}
+_OPTION_BY_YAML = {option.yaml: option for option in OPTIONS}
+# Axolotl's YAML fields -> the DPOConfig fields its DPO builder fills from them (axolotl.core.trainers.dpo's
+# DPOStrategy; rl_beta in its RL builder); context_parallel_size is Axolotl's own (see options.REFUSALS)
+DPO_YAML_TO_TRL = {
+    "rl_beta": "beta",
+    "dpo_loss_type": "loss_type",
+    "dpo_loss_weights": "loss_weights",
+    "dpo_label_smoothing": "label_smoothing",
+    "dpo_use_weighting": "use_weighting",
+    "dpo_use_liger_kernel": "use_liger_kernel",
+    "dpo_padding_free": "padding_free",
+    "precompute_ref_log_probs": "precompute_ref_log_probs",
+    "context_parallel_size": "context_parallel_size",
 }
-_DEFAULTS = EpsilonDPOFields()
+YAML_SPELLING = Spelling(
+    method="rl: edpo", names={trl: yaml for yaml, trl in [*CFG_TO_ARGS.items(), *DPO_YAML_TO_TRL.items()]}, yaml=True
+)
 # Set by Axolotl commands that load a config but never train: `inference` (which also sets rl to None), `merge-lora`,
 # `preprocess` (often on a machine without the training GPU).
 _NOT_TRAINING = ("inference", "merge_lora", "is_preprocess")
 
 
-class EDPOArgs(BaseModel):
-    """``rl: edpo`` settings. ``rl_beta`` is the initial β (Axolotl's own field); these add ε and the head."""
+def trl_settings(data: dict[str, Any]) -> tuple[dict[str, Any], Spelling]:
+    """A raw Axolotl config's ε-DPO and DPO settings under their TRL names, and the spelling that names each as this
+    config writes it (``trl.beta`` where it sets β, as Axolotl's builder prefers it; the deprecated
+    ``sequence_parallel_degree`` where it stands for ``context_parallel_size``)."""
+    values = {trl: data.get(yaml) for yaml, trl in [*CFG_TO_ARGS.items(), *DPO_YAML_TO_TRL.items()]}
+    names = dict(YAML_SPELLING.names)
+    trl = data.get("trl")
+    if isinstance(trl, dict) and trl.get("beta") is not None:
+        values["beta"], names["beta"] = trl["beta"], "trl.beta"
+    if not values["context_parallel_size"] and data.get("sequence_parallel_degree"):
+        values["context_parallel_size"] = data["sequence_parallel_degree"]
+        names["context_parallel_size"] = "sequence_parallel_degree"
+    return values, Spelling(method=YAML_SPELLING.method, names=names, yaml=True)
 
-    edpo_epsilon: float = Field(
-        default=_DEFAULTS.epsilon, gt=0.0, lt=1.0, description="ε of the perturbation, 0 < ε < 1."
-    )
-    edpo_head: Literal["auto", "naive", "chunked", "triton"] = Field(
-        default=_DEFAULTS.edpo_head,
-        description="Log-prob head: auto (the modelled-best path on CUDA, chunked elsewhere), chunked, triton "
-        "(CUDA only) or naive.",
-    )
-    edpo_head_token_chunk: int | None = Field(
-        default=_DEFAULTS.edpo_head_token_chunk, ge=1, description="Completion tokens per chunk; unset: the planner's."
-    )
-    edpo_head_vocab_chunk: int | None = Field(
-        default=_DEFAULTS.edpo_head_vocab_chunk, ge=1, description="Vocabulary columns per tile; unset: the planner's."
-    )
-    edpo_head_workspace_mb: int = Field(
-        default=_DEFAULTS.edpo_head_workspace_mb, ge=1, description="CUDA: MiB the head's plan may hold (workspace)."
-    )
-    edpo_head_check: bool = Field(
-        default=_DEFAULTS.edpo_head_check,
-        description="Check the fused head against the models' own forward on the first micro-batch.",
-    )
-    edpo_share_prompt: bool | None = Field(
-        default=_DEFAULTS.edpo_share_prompt,
-        description="With dpo_padding_free: run each pair's prompt once for both completions (plain causal SDPA "
-        "attention only); unset: whenever the model allows, true: require it, false: never.",
-    )
-    router_aux_loss_coef: float | None = Field(
-        default=None,
-        ge=0.0,
-        description="MoE models: weight of the router load-balancing loss added to the ε-DPO loss (TRL's DPO rule); "
-        "unset keeps TRL's default (0.001), 0 turns it off. Axolotl itself does not pass this field to DPO.",
-    )
+
+class EDPOChecks(BaseModel):
+    """The checks of ``rl: edpo`` settings; :data:`EDPOArgs` adds the fields (from the options table)."""
+
+    @field_validator(*CFG_TO_ARGS, check_fields=False)
+    @classmethod
+    def check_option(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each option's own check from the options table, on the value pydantic has parsed."""
+        check_option(_OPTION_BY_YAML[info.field_name], value, YAML_SPELLING)
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -88,46 +84,36 @@ class EDPOArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def check_edpo_compatible(cls, data: Any) -> Any:
-        """Refuse, at config validation, the DPO options that ε-DPO cannot honour (only for ``rl: edpo`` runs)."""
+        """Refuse, at config validation, the DPO settings that ε-DPO cannot honour (``options.check_settings``, only
+        for ``rl: edpo`` runs), naming the YAML field."""
         if not isinstance(data, dict) or data.get("trainer_cls") != TRAINER_CLS:
             return data
-        if data.get("edpo_head") == "triton" and not any(data.get(k) for k in (*_NOT_TRAINING, "use_ray")):
-            # the machine that validates is the one that trains (not so for a Ray driver: Axolotl skips its GPU
-            # checks there too)
-            check_triton_usable("cuda" if torch.cuda.is_available() else "cpu", "edpo_head: triton")
-        beta = data.get("rl_beta")
-        trl = data.get("trl") or {}
-        if isinstance(trl, dict) and trl.get("beta") is not None:
-            beta = trl["beta"]
-        if beta is not None and not float(beta) > 0:
-            raise ValueError(f"rl_beta must be > 0 for rl: edpo (got {beta}); the paper uses 0.01 (UltraFeedback).")
-        loss_type = data.get("dpo_loss_type")
-        if loss_type not in (None, "sigmoid", ["sigmoid"]):
-            raise ValueError(f"rl: edpo defines only the sigmoid loss: remove dpo_loss_type (got {loss_type!r}).")
-        if data.get("dpo_loss_weights") not in (None, [1.0]):
-            raise ValueError("dpo_loss_weights has no meaning for rl: edpo's single loss: remove it.")
-        if data.get("precompute_ref_log_probs"):
-            raise ValueError(
-                "precompute_ref_log_probs cannot be used with rl: edpo: the perturbed policies need the reference "
-                "model's logits at every step. Remove precompute_ref_log_probs."
-            )
-        if data.get("dpo_use_weighting"):
-            raise ValueError("dpo_use_weighting (WPO) is not part of ε-DPO: remove it for rl: edpo.")
-        if data.get("dpo_use_liger_kernel"):
-            raise ValueError(
-                "dpo_use_liger_kernel selects TRL's Liger DPO loss; rl: edpo has its own fused head. Remove "
-                "dpo_use_liger_kernel and pick the head with edpo_head."
-            )
-        if data.get("edpo_share_prompt") and not data.get("dpo_padding_free"):
-            raise ValueError("edpo_share_prompt: true shares prompts inside packed rows: set dpo_padding_free: true.")
-        context_parallel = data.get("context_parallel_size") or data.get("sequence_parallel_degree") or 1
-        if int(context_parallel) > 1:
-            raise ValueError(
-                f"context_parallel_size={context_parallel} is not supported by rl: edpo: Axolotl does not wire context "
-                "parallelism into its DPO pipeline, and the fused head needs each sequence whole. Remove "
-                "context_parallel_size (tensor_parallel_size and dp_shard_size are supported)."
-            )
+        values, spelling = trl_settings(data)
+        # the machine that validates is the one that trains (not so for a Ray driver: Axolotl skips its GPU checks
+        # there too, nor for the commands that never train)
+        training_here = not any(data.get(k) for k in (*_NOT_TRAINING, "use_ray"))
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if training_here else None
+        check_settings(values, spelling, device)
         return data
+
+
+EDPOArgs = create_model(
+    "EDPOArgs",
+    __base__=EDPOChecks,
+    __module__=__name__,
+    __doc__="``rl: edpo`` settings: one field per row of the options table (``edpo_plugin.trainer.options``), and "
+    "``router_aux_loss_coef``. ``rl_beta`` (Axolotl's own field) is the initial β.",
+    **{option.yaml: (option.type, Field(default=option.default, description=option.help)) for option in OPTIONS},
+    router_aux_loss_coef=(
+        float | None,
+        Field(
+            default=None,
+            ge=0.0,
+            description="MoE models: weight of the router load-balancing loss added to the ε-DPO loss (TRL's DPO "
+            "rule); unset keeps TRL's default (0.001), 0 turns it off. Axolotl itself does not pass this field to DPO.",
+        ),
+    ),
+)
 
 
 def _refuse_near_miss(key: str) -> None:

@@ -46,7 +46,7 @@ BAD_CONFIGS = [
     ("loss_ipo", {"dpo_loss_type": ["ipo"]}, "dpo_loss_type"),
     ("precompute_ref", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ("liger_dpo", {"dpo_use_liger_kernel": True}, "dpo_use_liger_kernel"),
-    ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size=2 is not supported by rl: edpo"),
+    ("context_parallel", {"context_parallel_size": 2}, "context_parallel_size: 2 is not supported by rl: edpo"),
     ("no_plugin", {"plugins": None}, "rl"),
     ("share_prompt_padded", {"edpo_share_prompt": True}, "edpo_share_prompt: true shares prompts inside packed rows"),
     # a typo would train at the default ε; with the plugin listed it is refused, for rl: edpo and for any other rl
