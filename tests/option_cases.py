@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+from accelerate.parallelism_config import ParallelismConfig
+
 
 class Refused(NamedTuple):
     """A setting refused by both sides. ``guards``: the TRL name of the option or ``options.REFUSALS`` entry it
@@ -69,6 +71,8 @@ REFUSED = [
     Refused("label_smoothing_half", "label_smoothing", {"label_smoothing": 0.5},
             "label_smoothing must lie in [0, 0.5), got 0.5",
             {"dpo_label_smoothing": 0.5}, "dpo_label_smoothing must lie in [0, 0.5), got 0.5"),
+    Refused("parallelism_config_cp", "parallelism_config", {"parallelism_config": ParallelismConfig(cp_size=2)},
+            "parallelism_config with cp_size or sp_size > 1 (context / sequence parallelism) is not supported"),
     Refused("context_parallel", "context_parallel_size", None, "",
             {"context_parallel_size": 2}, "context_parallel_size: 2 is not supported by rl: edpo"),
     Refused("sequence_parallel", "context_parallel_size", None, "",

@@ -168,6 +168,11 @@ def _refuses(refusal: Refusal, value: Any) -> bool:
         return True
 
 
+def _splits_sequences(config: Any) -> bool:
+    """Whether accelerate's ``ParallelismConfig`` splits sequences across ranks (context or sequence parallelism)."""
+    return (getattr(config, "cp_size", 1) or 1) * (getattr(config, "sp_size", 1) or 1) > 1
+
+
 def _loss_types(loss_type: Any) -> list[str]:
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
 
@@ -216,6 +221,13 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         "label_smoothing", lambda smoothing: not 0.0 <= smoothing < 0.5,
         "{name} must lie in [0, 0.5), got {value}.",
+    ),
+    # transformers' TrainingArguments: accelerate's ParallelismConfig, context / sequence parallelism split sequences
+    Refusal(
+        "parallelism_config", _splits_sequences,
+        "{name} with cp_size or sp_size > 1 (context / sequence parallelism) is not supported by {method}: the fused "
+        "head and the ε-decisions need each sequence whole on one rank. Leave cp_size and sp_size at 1 (tensor "
+        "parallelism, FSDP and DDP are supported).",
     ),
     # Axolotl's name (TRL configs have no field of it): Axolotl does not wire context parallelism into its DPO pipeline
     Refusal(
