@@ -19,10 +19,10 @@ from transformers import (
 import edpo_plugin.trainer.packed_attention as packed_attention
 from edpo_plugin.trainer.packed_attention import PACKED_FOR, use_packed_attention
 from edpo_plugin.trainer.packing import pack_rows
+from tests.numerics import PACKED_TOL
 from tests.varlen_reference import reference_varlen
 
 VOCAB = 64
-TOL = 1e-5  # fp32 logits of the same tiny model through two attention orderings
 
 
 def _llama(attn: str = "sdpa"):
@@ -99,9 +99,9 @@ def test_packed_attention_is_each_sequences_own_forward(family, attn, share):
     assert (packed.input_ids.shape[1] < int(mask.sum())) == share
     got = _packed_logprobs(model, packed)
     assert packed.layout.attention_calls == model.config.num_hidden_layers
-    assert (got - want).abs().max().item() <= TOL
+    assert (got - want).abs().max().item() <= PACKED_TOL
     # the unpacked forward of a switched model (one row, no layout) is still the model's own
-    assert (_own_logprobs(model, rows) - want).abs().max().item() <= TOL
+    assert (_own_logprobs(model, rows) - want).abs().max().item() <= PACKED_TOL
 
 
 def test_packed_sdpa_runs_each_sequence_on_its_own_keys(monkeypatch):
@@ -156,8 +156,8 @@ def test_packed_flash_is_each_sequences_own_forward(reference_flash, family, sha
     else:
         assert layout.kv_index is None and torch.equal(layout.cu_seqlens_q, layout.cu_seqlens_k)
     got = _packed_logprobs(model, packed)
-    assert (got - want).abs().max().item() <= TOL
-    assert (_own_logprobs(model, rows) - want).abs().max().item() <= TOL
+    assert (got - want).abs().max().item() <= PACKED_TOL
+    assert (_own_logprobs(model, rows) - want).abs().max().item() <= PACKED_TOL
 
 
 def test_flash_kernel_gets_the_window_and_the_cap(reference_flash, monkeypatch):

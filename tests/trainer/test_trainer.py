@@ -8,35 +8,34 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
-from edpo_plugin.trainer import EDPO_STATE_NAME, EpsilonDPOConfig, EpsilonDPOTrainer
+from edpo_plugin.trainer import EDPO_STATE_NAME, EpsilonDPOTrainer
+from tests.numerics import (
+    FLOAT64_TOL,
+    LOGGED_ATOL,
+    LOGGED_RTOL,
+    MODEL_GRAD_TOL,
+    SAME_RUN_RTOL,
+    SAME_STEP_RTOL,
+    STEP_LOSS_RTOL,
+    TRAINED_ATOL,
+    TRAINED_RTOL,
+    rel,
+)
 from tests.spec_reference import beta_trajectory64, decisions64, loss64
-
-BETA, EPS = 0.1, 0.2
-
-
-def _config(out, **overrides) -> EpsilonDPOConfig:
-    kwargs = dict(
-        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
-        learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
-        beta=BETA, epsilon=EPS, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, max_length=64,
-        edpo_head="chunked", edpo_head_token_chunk=16, edpo_head_vocab_chunk=24, bf16=False,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    return EpsilonDPOConfig(**kwargs)
+from tests.trainer.builders import BETA, EPS, edpo_config, edpo_trainer, preference_rows, tokenizer
 
 
 def _trainer(tiny, out, n_rows=16, peft_config=None, dataset=None, **overrides) -> EpsilonDPOTrainer:
+    """:func:`~tests.trainer.builders.edpo_trainer` on the tiny default model (fp32, seed 0) and its first ``n_rows``
+    rows (or ``dataset``)."""
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny["model"])
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
-    ref = None if peft_config is not None else copy.deepcopy(model)
     if dataset is None:
-        dataset = load_dataset("json", data_files=str(tiny["train"]), split="train").select(range(n_rows))
-    return EpsilonDPOTrainer(model=model, ref_model=ref, args=_config(out, **overrides), train_dataset=dataset,
-                             processing_class=tok, peft_config=peft_config)  # fmt: skip
+        dataset = preference_rows(tiny, n_rows)
+    return edpo_trainer(tiny, model, edpo_config(out, **overrides), dataset, peft_config=peft_config)
 
 
 def _fresh64(tiny, model: torch.nn.Module) -> torch.nn.Module:
@@ -84,7 +83,7 @@ def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_pat
     s = decisions64(pc.detach(), pr.detach(), plc, plr, mic, mir)
     want = loss64(pc, pr, rc, rr, s, BETA, EPS).mean()
     want.backward()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(want.item(), rel=STEP_LOSS_RTOL)
     n_checked = 0
     params64 = dict(model64.named_parameters())
     for name, p in trainer.model.named_parameters():
@@ -92,13 +91,13 @@ def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_pat
             continue
         p64 = params64[name]
         assert p64.grad is not None, f"{name}: the float64 yardstick got no gradient"
-        rel = ((p.grad.double() - p64.grad).norm() / p64.grad.norm()).item()
-        assert rel < 1e-4, f"{name}: relative gradient error {rel:.2e}"
+        err = rel(p.grad, p64.grad)
+        assert err < MODEL_GRAD_TOL, f"{name}: relative gradient error {err:.2e}"
         n_checked += 1
     assert n_checked == sum(1 for _ in trainer.model.parameters())
     # the β statistics of this micro-batch are the float64 decisions
     logged = trainer.beta_controller.step()
-    assert logged["avg_steps"] == pytest.approx(s.mean().item(), abs=1e-12)
+    assert logged["avg_steps"] == pytest.approx(s.mean().item(), abs=FLOAT64_TOL)
 
 
 def _beta_run(tiny, out, micro, accum, steps=5):
@@ -118,11 +117,11 @@ def test_beta_trajectory_independent_of_micro_batch_and_accumulation(tiny_defaul
     betas, avgs, final = runs[(4, 1)]
     assert any(a != 0 for a in avgs), "the run should move β"
     # β follows the rule from the logged values: β_{t+1} = β_t / (1 + ε s̄_t)
-    assert betas == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=1e-12)
+    assert betas == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=FLOAT64_TOL)
     for shape, (b, a, f) in runs.items():
-        assert b == pytest.approx(betas, rel=1e-6), shape
-        assert a == pytest.approx(avgs, abs=1e-6), shape
-        assert f == pytest.approx(final, rel=1e-6), shape
+        assert b == pytest.approx(betas, rel=SAME_RUN_RTOL), shape
+        assert a == pytest.approx(avgs, abs=SAME_RUN_RTOL), shape
+        assert f == pytest.approx(final, rel=SAME_RUN_RTOL), shape
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -145,17 +144,17 @@ def test_resume_equals_straight_run(tiny_default, tmp_path, padding_free):
                       save_steps=k, padding_free=padding_free)  # fmt: skip
     assert second.beta_controller.beta == BETA
     second.train(resume_from_checkpoint=str(ckpt))
-    assert second.beta_controller.beta == pytest.approx(straight.beta_controller.beta, rel=1e-6)
+    assert second.beta_controller.beta == pytest.approx(straight.beta_controller.beta, rel=SAME_RUN_RTOL)
     assert straight.beta_controller.beta != BETA
     for p, q in zip(straight.model.parameters(), second.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=TRAINED_RTOL, atol=TRAINED_ATOL)
 
 
 def test_evaluation_does_not_move_beta(tiny_default, tmp_path):
     trainer = _trainer(tiny_default, tmp_path, max_steps=2)
     trainer.train()
     beta = trainer.beta_controller.beta
-    metrics = trainer.evaluate(eval_dataset=load_dataset("json", data_files=str(tiny_default["eval"]), split="train"))
+    metrics = trainer.evaluate(eval_dataset=preference_rows(tiny_default, split="eval"))
     assert trainer.beta_controller.beta == beta
     assert metrics["eval_kl/beta"] == pytest.approx(beta)
     assert math.isfinite(metrics["eval_loss"])
@@ -171,7 +170,7 @@ def test_peft_reference_is_the_base_model(tiny_default, tmp_path):
     trainer.model.train()
     # fresh LoRA (B = 0): policy == reference, so every margin is 0, the loss is log 2 and no pair moves β
     loss = trainer.compute_loss(trainer.model, batch)
-    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert loss.item() == pytest.approx(math.log(2), rel=SAME_STEP_RTOL)
     assert trainer.beta_controller.step()["avg_steps"] == 0.0
     trainer.train()
     logs = _kl_logs(trainer)
@@ -196,7 +195,7 @@ def test_peft_reference_is_the_base_model(tiny_default, tmp_path):
 )
 def test_refused_options(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        _config(tmp_path, **overrides)
+        edpo_config(tmp_path, **overrides)
 
 
 def test_dataset_row_missing_chosen_is_refused(tiny_default, tmp_path):
@@ -215,9 +214,9 @@ def test_dataset_row_with_null_chosen_is_refused(tiny_default, tmp_path):
 def test_plain_dpo_config_is_refused(tiny_default, tmp_path):
     from trl import DPOConfig
 
-    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
+    tok = tokenizer(tiny_default)
     model = AutoModelForCausalLM.from_pretrained(tiny_default["model"])
-    ds = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(4))
+    ds = preference_rows(tiny_default, 4)
     with pytest.raises(TypeError, match="EpsilonDPOConfig"):
         plain = DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
         EpsilonDPOTrainer(model=model, args=plain, train_dataset=ds, processing_class=tok)
@@ -232,8 +231,8 @@ def test_naive_and_chunked_heads_agree_on_a_step(tiny_default, tmp_path):
             [h["loss"] for h in trainer.state.log_history if "loss" in h],
             [h["kl/beta"] for h in _kl_logs(trainer)],
         )
-    assert losses["naive"][0] == pytest.approx(losses["chunked"][0], rel=1e-4)
-    assert losses["naive"][1] == pytest.approx(losses["chunked"][1], rel=1e-6)
+    assert losses["naive"][0] == pytest.approx(losses["chunked"][0], rel=TRAINED_RTOL)
+    assert losses["naive"][1] == pytest.approx(losses["chunked"][1], rel=SAME_RUN_RTOL)
 
 
 def test_tensorboard_receives_edpo_metrics(tiny_default, tmp_path, monkeypatch):
@@ -251,10 +250,12 @@ def test_tensorboard_receives_edpo_metrics(tiny_default, tmp_path, monkeypatch):
     events.Reload()
     scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     for key in ("kl/beta", "kl/avg_steps", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "rewards/margins", "loss"):
-        assert scalars[f"train/{key}"] == pytest.approx([h[key] for h in logs], rel=1e-6, abs=1e-7), key
+        assert scalars[f"train/{key}"] == pytest.approx([h[key] for h in logs], rel=LOGGED_RTOL, abs=LOGGED_ATOL), key
     avgs = scalars["train/kl/avg_steps"]
     assert any(a != 0 for a in avgs), "the run should move β"
-    assert scalars["train/kl/beta"] == pytest.approx(beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=1e-6)
+    assert scalars["train/kl/beta"] == pytest.approx(
+        beta_trajectory64(BETA, EPS, [[a] for a in avgs])[:-1], rel=LOGGED_RTOL
+    )
 
 
 def test_qlora_step_matches_float64_dequantized_model(tiny_default, tmp_path):
@@ -271,10 +272,9 @@ def test_qlora_step_matches_float64_dequantized_model(tiny_default, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_default["model"], quantization_config=quant, device_map="cpu")
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                       task_type="CAUSAL_LM")  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(tiny_default["model"])
-    dataset = load_dataset("json", data_files=str(tiny_default["train"]), split="train").select(range(16))
-    trainer = EpsilonDPOTrainer(model=model, args=_config(tmp_path), train_dataset=dataset, processing_class=tok,
-                                peft_config=lora)  # fmt: skip
+    trainer = edpo_trainer(
+        tiny_default, model, edpo_config(tmp_path), preference_rows(tiny_default, 16), peft_config=lora
+    )
     gen = torch.Generator().manual_seed(1)
     factors = {}  # LoRA-wrapped module name -> (A [r, in], B [out, r]) trainable parameters
     for name, p in trainer.model.named_parameters():
@@ -325,10 +325,10 @@ def test_qlora_step_matches_float64_dequantized_model(tiny_default, tmp_path):
     assert (s != 0).any(), "the perturbed adapter should move β"
     want = loss64(pc, pr, rc, rr, s, BETA, EPS).mean()
     want.backward()
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(want.item(), rel=STEP_LOSS_RTOL)
     for name, (a, b) in factors.items():
         a64, b64 = leaves[name]
         for got, ref_grad, which in ((a.grad, a64.grad, "A"), (b.grad, b64.grad, "B")):
-            rel = ((got.double() - ref_grad).norm() / ref_grad.norm()).item()
-            assert rel < 1e-4, f"{name}.lora_{which}: relative gradient error {rel:.2e}"
-    assert trainer.beta_controller.step()["avg_steps"] == pytest.approx(s.mean().item(), abs=1e-12)
+            err = rel(got, ref_grad)
+            assert err < MODEL_GRAD_TOL, f"{name}.lora_{which}: relative gradient error {err:.2e}"
+    assert trainer.beta_controller.step()["avg_steps"] == pytest.approx(s.mean().item(), abs=FLOAT64_TOL)
