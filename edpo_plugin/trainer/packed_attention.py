@@ -250,9 +250,10 @@ def varlen_kernel() -> VarlenKernel:
 
 
 def _torch_varlen(varlen_attn: Callable) -> VarlenKernel:
-    """PyTorch's ``varlen_attn`` behind flash_attn's arguments. Its causal switch differs between releases (an
-    ``is_causal`` flag, or ``window_size=(-1, 0)``), and grouped-query attention needs ``enable_gqa`` where it exists
-    (else the key/value heads are repeated): both read from its signature."""
+    """PyTorch's ``varlen_attn`` behind flash_attn's arguments. Its signature changed between releases, so each
+    switch is read from it: causal masks by an ``is_causal`` flag (the first release) or ``window_size=(left, 0)``;
+    a ``scale`` keyword (else the queries are pre-scaled, the kernel applying ``D^-1/2``); grouped-query attention
+    by ``enable_gqa`` (else the key/value heads are repeated). A window it cannot take is refused."""
     params = inspect.signature(varlen_attn).parameters
 
     def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, softcap, dropout):
@@ -261,18 +262,25 @@ def _torch_varlen(varlen_attn: Callable) -> VarlenKernel:
                 f"{PACKED_FLASH}: PyTorch's varlen_attn has no soft cap or dropout (softcap={softcap}, "
                 f"dropout={dropout}); install flash_attn or use attn_implementation='sdpa'."
             )
-        kwargs = {"scale": scale}
+        kwargs = {}
+        if "scale" in params:
+            kwargs["scale"] = scale
+        elif scale is not None:
+            q = q * (scale * q.shape[-1] ** 0.5)
         if k.shape[1] != q.shape[1]:
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
             else:
                 k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        if "window_size" in params:
+            kwargs["window_size"] = (window[0], 0)
+        elif window[0] >= 0:
+            raise ValueError(
+                f"{PACKED_FLASH}: this PyTorch's varlen_attn takes no sliding window (window={window}); install "
+                "flash_attn, upgrade PyTorch, or use attn_implementation='sdpa'."
+            )
         if "is_causal" in params:
             kwargs["is_causal"] = True
-            if window != (-1, -1):
-                kwargs["window_size"] = window
-        else:
-            kwargs["window_size"] = (window[0], 0)
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     return torch_varlen

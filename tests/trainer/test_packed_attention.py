@@ -243,3 +243,44 @@ def test_an_unpacked_padded_batch_is_refused():
     ids = torch.randint(1, VOCAB, (2, 5))
     with pytest.raises(ValueError, match="called on a batch of 2 rows without a packed layout"):
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+# PyTorch's varlen_attn as each release documents it (docs.pytorch.org, torch.nn.attention.varlen): the first with
+# an ``is_causal`` flag and no scale (``D^-1/2``) or GQA; then keyword-only ``scale`` and ``window_size`` ((-1, 0)
+# causal, (W, 0) sliding causal); then ``enable_gqa``. Each fake checks what its release cannot take and runs the
+# reference; only causal calls are expected, so a non-causal request fails.
+def _varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal and k.shape[1] == q.shape[1]
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window=(-1, 0), softcap=None, dropout=0.0)
+
+
+def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    assert window_size[1] == 0 and k.shape[1] == q.shape[1]
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window=window_size, softcap=None,
+                            dropout=0.0)  # fmt: skip
+
+
+def _varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                enable_gqa=False):  # fmt: skip
+    assert window_size[1] == 0 and (enable_gqa or k.shape[1] == q.shape[1])
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window=window_size, softcap=None,
+                            dropout=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("release", [_varlen_is_causal, _varlen_window, _varlen_gqa])
+@pytest.mark.parametrize("window", [(-1, -1), (2, 0)])
+def test_torch_varlen_adapter_keeps_flash_attn_semantics(release, window):
+    """The adapter behind each released ``varlen_attn`` signature gives FlashAttention's result (GQA, a non-default
+    scale, a shared prefix, a window) — or refuses the window a release cannot take."""
+    torch.manual_seed(0)
+    cu_q, cu_k = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = torch.randn(5, 4, 8), torch.randn(8, 2, 8), torch.randn(8, 2, 8)
+    kernel = packed_attention._torch_varlen(release)
+    args = (q, k, v, cu_q, cu_k, 3, 5)
+    if release is _varlen_is_causal and window != (-1, -1):
+        with pytest.raises(ValueError, match="no sliding window"):
+            kernel(*args, scale=0.3, window=window, softcap=None, dropout=0.0)
+        return
+    got = kernel(*args, scale=0.3, window=window, softcap=None, dropout=0.0)
+    want = reference_varlen(*args, scale=0.3, window=window, softcap=None, dropout=0.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
