@@ -22,6 +22,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from edpo_plugin.ops import LogitTransform, linear_logprobs, vocab_parallel_linear_logprobs
+from edpo_plugin.ops.chunked import PlanRequest
+from edpo_plugin.ops.collectives import VocabShard
+from edpo_plugin.ops.contract import HeadCall, HeadOperands
+from edpo_plugin.ops.plan import HeadPlan
+from edpo_plugin.ops.vocab_parallel import shard_linear_logprobs
 
 EPS = 0.2
 CASES = {
@@ -49,6 +54,13 @@ CASES = {
     "explicit_uneven_frozen_shared": dict(vocab=41, entry="explicit", trainable=False, shared=True, split=(10, 31)),
     "dtensor_trainable_bf16": dict(vocab=40, entry="dtensor", trainable=True, shared=False, bias=True, dtype="bf16"),
     "dtensor_frozen_shared_bf16": dict(vocab=40, entry="dtensor", trainable=False, shared=True, dtype="bf16"),
+    # a trainable head under a plan that keeps each shard's P for the backward (the planner picks it on CUDA only)
+    "explicit_uneven_trainable_kept_p": dict(
+        vocab=41, entry="explicit", trainable=True, shared=False, bias=True, split=(29, 12), keep_probs="chunked"
+    ),
+    "explicit_trainable_kept_p_triton_scale": dict(
+        vocab=40, entry="explicit", trainable=True, shared=False, split=(20, 20), transform=(1.3, None), keep_probs="triton"
+    ),
 }
 D, LEAD = 16, (2, 7)
 
@@ -129,9 +141,16 @@ def _run_sharded(cfg: dict, t: dict, rank: int, world: int) -> dict:
     b = t["b"][lo:hi].clone().requires_grad_(cfg["trainable"]) if "b" in t else None
     wr = w if cfg["shared"] else t["wr"][lo:hi]
     br = b if cfg["shared"] else (t["br"][lo:hi] if "br" in t else None)
-    out = vocab_parallel_linear_logprobs(
-        h, w, t["labels"], ref_hidden=t["hr"], ref_weight=wr, bias=b, ref_bias=br, vocab_start=lo, group=None, **kw
-    )
+    if cfg.get("keep_probs"):
+        impl = cfg["keep_probs"]
+        plan = HeadPlan(impl, "trainable", kw["token_chunk"], kw["vocab_chunk"], tensor_cores=False,
+                        p_dtype=torch.float32, keep_probs=True, interpreted=impl == "triton")  # fmt: skip
+        call = HeadCall(HeadOperands(h, w, b), HeadOperands(t["hr"], wr, br), t["labels"], EPS, transform=transform)
+        out = shard_linear_logprobs(call, PlanRequest(plan=plan), VocabShard(lo, None))
+    else:
+        out = vocab_parallel_linear_logprobs(
+            h, w, t["labels"], ref_hidden=t["hr"], ref_weight=wr, bias=b, ref_bias=br, vocab_start=lo, group=None, **kw
+        )
     (out.policy * t["coef"]).sum().backward()
 
     def assembled(local: torch.Tensor | None, full_shape: tuple[int, ...]) -> torch.Tensor | None:
