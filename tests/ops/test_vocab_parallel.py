@@ -62,8 +62,8 @@ OP_CASES = [
     "explicit_uneven_frozen_shared",
     "dtensor_trainable_bf16",
     "dtensor_frozen_shared_bf16",
-    "explicit_uneven_trainable_kept_p",
-    "explicit_trainable_kept_p_triton_scale",
+    "kept_p_uneven_bias",
+    "kept_p_triton_scale",
 ]
 
 

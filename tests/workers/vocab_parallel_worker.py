@@ -55,11 +55,17 @@ CASES = {
     "dtensor_trainable_bf16": dict(vocab=40, entry="dtensor", trainable=True, shared=False, bias=True, dtype="bf16"),
     "dtensor_frozen_shared_bf16": dict(vocab=40, entry="dtensor", trainable=False, shared=True, dtype="bf16"),
     # a trainable head under a plan that keeps each shard's P for the backward (the planner picks it on CUDA only)
-    "explicit_uneven_trainable_kept_p": dict(
+    "kept_p_uneven_bias": dict(
         vocab=41, entry="explicit", trainable=True, shared=False, bias=True, split=(29, 12), keep_probs="chunked"
     ),
-    "explicit_trainable_kept_p_triton_scale": dict(
-        vocab=40, entry="explicit", trainable=True, shared=False, split=(20, 20), transform=(1.3, None), keep_probs="triton"
+    "kept_p_triton_scale": dict(
+        vocab=40,
+        entry="explicit",
+        trainable=True,
+        shared=False,
+        split=(20, 20),
+        transform=(1.3, None),
+        keep_probs="triton",
     ),
 }
 D, LEAD = 16, (2, 7)
