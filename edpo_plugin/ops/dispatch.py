@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from edpo_plugin.ops.cost_model import Gpu, gpu_model, plan_seconds
+from edpo_plugin.ops.engine import fp32_output_gemms
 from edpo_plugin.ops.launches import launches, workspace_bytes
 from edpo_plugin.ops.plan import CPU_TILES, DEFAULT_WORKSPACE_MB, TOKEN_CHUNKS, VOCAB_CHUNKS, HeadPlan, HeadShape
 
@@ -100,9 +101,10 @@ def choose_plan(
     bucketed = replace(shape, tokens=_bucket(shape.tokens), valid=_bucket(shape.valid))
     gpu = gpu_model(device)
     impls = ("triton", "chunked") if impl == "auto" else (impl,)
-    plan = _best_plan(bucketed, impls, gpu, budget, token_chunk, vocab_chunk)
+    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16) and fp32_output_gemms(device)
+    plan = _best_plan(bucketed, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
     if impl == "auto" and plan.impl == "triton" and not _triton_usable(device, shape.dtype):
-        plan = _best_plan(bucketed, ("chunked",), gpu, budget, token_chunk, vocab_chunk)
+        plan = _best_plan(bucketed, ("chunked",), gpu, budget, tensor_cores, token_chunk, vocab_chunk)
     return plan
 
 
@@ -115,9 +117,8 @@ def _bucket(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _best_plan(shape: HeadShape, impls: tuple[str, ...], gpu: Gpu, budget: int, token_chunk: int | None,
-               vocab_chunk: int | None) -> HeadPlan:  # fmt: skip
-    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16)
+def _best_plan(shape: HeadShape, impls: tuple[str, ...], gpu: Gpu, budget: int, tensor_cores: bool,
+               token_chunk: int | None, vocab_chunk: int | None) -> HeadPlan:  # fmt: skip
     return best_plan(shape, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
 
 

@@ -8,7 +8,8 @@ completion tokens and a tile of ``cols`` vocabulary columns:
    two calls of identical shape (never one over stacked rows: a GEMM's rounding can depend on a row's position, and
    a policy equal to its reference must give bit-identical logits). With ``plan.tensor_cores`` (CUDA, bf16/fp16
    operands) the GEMM reads the input dtype and writes fp32 (``torch.mm(..., out_dtype=torch.float32)``); otherwise
-   the operands are upcast and multiplied in fp32.
+   the operands are upcast and multiplied in fp32 (also on a PyTorch whose CUDA GEMMs lack those overloads:
+   :func:`fp32_output_gemms`).
 2. **Fold** (a :data:`Fold`): bias and logit transform, both ε-mixes ``z_θ ± ε(z_θ − z_ref)``, the online update of
    four running ``(max, Σ exp(z − max))`` rows, and, when the plan keeps them, the policy's softmax weights
    ``P = exp(z − r)·J`` (``J`` the soft cap's slope) relative to a per-row reference ``r``. The fold keeps ``r`` and
@@ -26,6 +27,8 @@ Imports only torch.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -101,6 +104,38 @@ def no_autocast(device: torch.device):
     if device.type in ("cuda", "cpu", "xpu"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def fp32_output_gemms(device: torch.device) -> bool:
+    """Whether PyTorch runs, on ``device``, the GEMMs of the tensor-core plans: a bf16 product written as fp32
+    (``torch.mm(..., out_dtype=torch.float32, out=...)``, PyTorch ≥ 2.8 on CUDA) and accumulated into an fp32 tensor
+    (``torch.addmm(fp32, bf16, bf16, out_dtype=torch.float32, out=...)``, which PyTorch 2.8 and 2.9 refuse). Probed
+    once per device with 2 × 2 products, their values checked (one host sync). Where it fails, the planner gives
+    plans that upcast their operands (correct, slower) and says so once. A CUDA device this process cannot reach
+    (planning a GPU from a CPU machine: the cost model, tests) is taken to have them."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return True
+    ones = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    acc = torch.empty(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.mm(ones, ones, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+        works = bool((acc == 4).all())
+    except (TypeError, RuntimeError) as err:
+        works, reason = False, f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    else:
+        reason = f"they gave {acc.flatten().tolist()} for 2 × 2 products that should give 4"
+    if not works:
+        logger.warning(
+            "PyTorch %s has no bf16 GEMM writing and accumulating fp32 on %s (%s): the fused log-prob head upcasts "
+            "its GEMM operands to fp32 there (correct, slower). PyTorch >= 2.10 has them.",
+            torch.__version__, device, reason,
+        )  # fmt: skip
+    return works
 
 
 def gemm_operand(t: torch.Tensor, tensor_cores: bool) -> torch.Tensor:

@@ -260,3 +260,23 @@ def test_the_counter_sees_a_missing_kernel(meta_nonzero):
     with pytest.raises(AssertionError, match="launches planned"):
         _assert_same(_planned(HeadPlan("chunked", "frozen", 16, 64, True, torch.bfloat16), shape, False),
                      mode.count, "wrong tile")  # fmt: skip
+
+
+def test_without_fp32_output_gemms_cuda_plans_upcast(monkeypatch, caplog):
+    """A PyTorch whose CUDA GEMMs cannot write or accumulate fp32 from bf16 operands (2.6–2.9) gets plans that upcast
+    their operands, not tensor-core plans that would fail at the first step. CPU PyTorch has no such GEMM at all, so
+    the probe's failure branch runs here for real."""
+    import logging
+
+    from edpo_plugin.ops import dispatch, engine
+
+    with caplog.at_level(logging.WARNING, logger="edpo_plugin.ops.engine"):
+        assert engine.fp32_output_gemms.__wrapped__(torch.device("cpu")) is False
+    assert "upcasts its GEMM operands to fp32" in caplog.text
+    shape = HeadShape(tokens=8192, valid=8192, dim=4096, vocab=128256, dtype=torch.bfloat16, head="frozen",
+                      shared=True)  # fmt: skip
+    cuda = torch.device("cuda")
+    assert dispatch.choose_plan(shape, cuda, "chunked").tensor_cores  # CUDA out of reach: taken to have them
+    monkeypatch.setattr(dispatch, "fp32_output_gemms", lambda device: False)
+    plan = dispatch.choose_plan(shape, cuda, "chunked")
+    assert not plan.tensor_cores and plan.p_dtype == torch.float32
