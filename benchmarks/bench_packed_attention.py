@@ -2,7 +2,7 @@
 runs) against one SDPA call over the whole row with a ``[N, N]`` block mask built once per micro-batch from the same
 layout (the alternative issue 24 names). Forward + backward of a SmolLM2-135M-wide Llama stack (random weights,
 ``--layers`` layers) on one micro-batch of ``--pairs`` HH-like pairs with shared prompts (lengths drawn around the HH
-harmless medians at 512 tokens: prompt 118, chosen 28, rejected 36, ``benchmarks/results/padding_ratio_hh_512.json``).
+harmless medians at 512 tokens: ``benchmarks/hh_like.py``).
 
     python benchmarks/bench_packed_attention.py --json benchmarks/results/bench_packed_attention_cpu.json
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import time
 from datetime import date
 
 import torch
+from hh_like import hh_like_batch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -27,7 +27,6 @@ from edpo_plugin.trainer.packed_attention import LAYOUT_KWARG, PACKED_SDPA, Pack
 from edpo_plugin.trainer.packing import pack_rows
 
 ONE_MASKED_CALL = "bench_one_masked_sdpa"
-HH_MEDIANS = {"prompt": 118, "chosen": 28, "rejected": 36}
 
 
 def _block_mask(layout: PackedLayout, n: int) -> torch.Tensor:
@@ -52,28 +51,6 @@ def one_masked_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(ONE_MASKED_CALL, one_masked_sdpa)
 
 
-def _batch(pairs: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = random.Random(seed)
-
-    def length(median: int) -> int:
-        return max(2, int(median * rng.lognormvariate(0, 0.5)))
-
-    rows = []
-    halves = ([], [])
-    for _ in range(pairs):
-        prompt = [rng.randrange(vocab) for _ in range(length(HH_MEDIANS["prompt"]))]
-        for half, key in zip(halves, ("chosen", "rejected"), strict=True):
-            half.append(prompt + [rng.randrange(vocab) for _ in range(length(HH_MEDIANS[key]))])
-    rows = halves[0] + halves[1]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=4)
@@ -88,7 +65,7 @@ def main() -> None:
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).float()
     use_packed_attention(model)
-    ids, mask = _batch(args.pairs, config.vocab_size)
+    ids, mask = hh_like_batch(args.pairs, config.vocab_size)
     packed = pack_rows(ids, mask, share_prefixes=True)
 
     def step(attention: str) -> float:

@@ -9,7 +9,7 @@ padded / packed / shared-prompt layouts on an 8B-width Llama stack.
    decoder layers (hidden 4096, 32 heads, 8 KV heads, MLP 14336, bf16, frozen weights) on one micro-batch of
    ``--pairs`` pairs in three layouts: ``padded`` (``[2·pairs, 2048]`` rows, SDPA with the padding mask), ``packed``
    (each sequence whole, ε-DPO's varlen attention) and ``shared`` (each pair's prompt once). Lengths drawn around the
-   HH harmless medians scaled to 2048 tokens (prompt 472, chosen 112, rejected 144). CUDA events, median of
+   HH harmless medians × 4 for 2048-token rows (``benchmarks/hh_like.py``). CUDA events, median of
    ``--repeats`` after one warm-up.
 
     python benchmarks/gpu_padding_free.py --json benchmarks/results/bench_padding_free_gpu.json
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import sys
 import time
@@ -34,37 +33,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests/varlen_reference.py, the yardstick the CPU tests use
 
+from benchmarks.hh_like import hh_like_batch  # noqa: E402
 from edpo_plugin.trainer import packed_attention  # noqa: E402
 from edpo_plugin.trainer.packed_attention import LAYOUT_KWARG, use_packed_attention  # noqa: E402
 from edpo_plugin.trainer.packing import pack_rows  # noqa: E402
 from tests.varlen_reference import reference_varlen  # noqa: E402
 
-MEDIANS = {"prompt": 472, "chosen": 112, "rejected": 144}  # HH harmless medians at 512 tokens, × 4
-
-
-def _rows(pairs: int, width: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = random.Random(seed)
-
-    def length(median: int) -> int:
-        return max(2, int(median * rng.lognormvariate(0, 0.5)))
-
-    chosen, rejected = [], []
-    for _ in range(pairs):
-        prompt = [rng.randrange(vocab) for _ in range(length(MEDIANS["prompt"]))]
-        chosen.append((prompt + [rng.randrange(vocab) for _ in range(length(MEDIANS["chosen"]))])[:width])
-        rejected.append((prompt + [rng.randrange(vocab) for _ in range(length(MEDIANS["rejected"]))])[:width])
-    rows = chosen + rejected
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
 
 def parity(device: torch.device, dtype: torch.dtype) -> list[dict]:
     """The kernel against the float64 reference on a shared-prompt layout, per window setting."""
-    ids, mask = (t.to(device) for t in _rows(4, 512, 1000))  # the layout's bounds live where the kernel runs
+    # on the kernel's device: the layout's bounds live where its tensors are
+    ids, mask = (t.to(device) for t in hh_like_batch(4, 1000, scale=4, width=512))
     layout = pack_rows(ids, mask, share_prefixes=True).layout
     n_q, n_k = int(layout.cu_seqlens_q[-1]), int(layout.cu_seqlens_k[-1])
     g = torch.Generator().manual_seed(0)
@@ -98,7 +77,7 @@ def step_times(device: torch.device, dtype: torch.dtype, layers: int, pairs: int
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device, dtype).eval()
     model.requires_grad_(False)
-    ids, mask = _rows(pairs, 256 if small else 2048, config.vocab_size)
+    ids, mask = hh_like_batch(pairs, config.vocab_size, scale=4, width=256 if small else 2048)
     ids, mask = ids.to(device), mask.to(device)
 
     def run(kwargs: dict) -> float:
