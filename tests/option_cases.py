@@ -73,6 +73,8 @@ REFUSED = [
             {"dpo_label_smoothing": 0.5}, "dpo_label_smoothing must lie in [0, 0.5), got 0.5"),
     Refused("parallelism_config_cp", "parallelism_config", {"parallelism_config": ParallelismConfig(cp_size=2)},
             "parallelism_config with cp_size or sp_size > 1 (context / sequence parallelism) is not supported"),
+    Refused("parallelism_config_sp", "parallelism_config", {"parallelism_config": ParallelismConfig(sp_size=2)},
+            "parallelism_config with cp_size or sp_size > 1 (context / sequence parallelism) is not supported"),
     Refused("context_parallel", "context_parallel_size", None, "",
             {"context_parallel_size": 2}, "context_parallel_size: 2 is not supported by rl: edpo"),
     Refused("sequence_parallel", "context_parallel_size", None, "",

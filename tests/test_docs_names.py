@@ -150,6 +150,13 @@ def test_the_docs_name_enough_to_check():
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
+def test_no_template_placeholder_is_left(doc):
+    """A line that is only ``{name}`` is a table or text a script was meant to paste in."""
+    left = [line for line in doc.read_text(encoding="utf-8").splitlines() if re.fullmatch(r"\s*\{\w+\}\s*", line)]
+    assert not left, left
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.name)
 def test_every_path_a_doc_names_exists(doc):
     missing = []
     for written, path in _named_paths(doc):
