@@ -393,7 +393,7 @@ def grad_fold_probs_torch(
         coef.mul_(transform.scale)
     p.mul_(coef.unsqueeze(1))
     slope = transform.derivative(target_logit) if transform.softcap is not None else transform.scale
-    exact = torch.exp((target_logit - row_max) - row_logsum).neg_().add_(1.0).mul_(g).mul_(slope)
+    exact = torch.expm1((target_logit - row_max) - row_logsum).neg_().mul_(g).mul_(slope)  # 1 − p_y, no cancellation
     inside = (y >= v0) & (y < v0 + cols)
     local = (y - v0).clamp_(0, cols - 1).unsqueeze(1)
     value = torch.where(inside, exact, p.gather(1, local).squeeze(1).float())

@@ -160,3 +160,54 @@ def test_triton_grad_fold_from_kept_probs_against_float64(cap):
     for fn in (grad_fold_probs_triton, grad_fold_probs_torch):
         got = fn(p_kept.float().clone(), *args)
         assert rel(got, want) <= GRAD_TOL[torch.float32], fn.__name__
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16])
+def test_grad_fold_from_kept_probs_is_exact_at_a_confident_target(p_dtype):
+    """A confident model (p_y = 1 − 2e-7): the target column's g·J_y·(1 − p_y) must come from the exact fp32 target
+    logit, not from the kept P (whose rounding alone, 2⁻²⁴ in fp32 and 2⁻⁹ in bf16, is larger than 1 − p_y). Checked
+    entry by entry on the target column, against float64, for both folds."""
+    from edpo_plugin.ops.engine import grad_fold_probs_torch
+    from edpo_plugin.ops.triton_fold import grad_fold_probs_triton
+
+    rows, cols, v0 = 8, 64, 0
+    gen = torch.Generator().manual_seed(9)
+    zz = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, cols, (rows,), generator=gen)
+    zz[torch.arange(rows), y] = 20.0
+    row_max = zz.amax(1)
+    row_logsum = torch.exp(zz - row_max[:, None]).sum(1).log()
+    g = torch.randn(rows, generator=gen)
+    p_y = torch.exp(zz[torch.arange(rows), y] - row_max - row_logsum)
+    assert (1 - p_y).max() < 1e-6
+    want = g.double() * (1 - p_y)
+    args = (row_max.float(), y, v0, row_max.float(), row_logsum.float(), zz[torch.arange(rows), y].float(), g,
+            LogitTransform())  # fmt: skip
+    for fn in (grad_fold_probs_triton, grad_fold_probs_torch):
+        got = fn(torch.exp(zz - row_max[:, None]).to(p_dtype), *args)[torch.arange(rows), y]
+        assert rel(got, want) <= BF16_TOL, (fn.__name__, rel(got, want))
+
+
+@pytest.mark.parametrize("p_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_fold_keeps_p_inside_its_dtype(p_dtype, monkeypatch):
+    """The lazy reference must move before P = exp(z − r)·J leaves the P dtype's range: every row starts 15 nats
+    below the tile's maximum (e^15 > fp16's 65504), so in fp16 each row has to move, and P stays finite and equal to
+    exp(z − r_out)·J against whichever reference (old, or the new maximum) the fold reports."""
+    from edpo_plugin.ops import triton_fold
+    from edpo_plugin.ops.engine import RunningStats
+
+    monkeypatch.setattr(triton_fold, "fold_blocks", lambda kind, cols, interpreted: (16, 32, 4))
+    rows, cols, scale, cap = 37, 101, 0.5, 30.0
+    transform = LogitTransform(scale, cap)
+    z, b_p, b_r, _ = _fold_inputs(rows, cols, seed=8)
+    zp = _t64(z[0], b_p, scale, cap)
+    n0 = zp.amax(1)
+    stats = RunningStats(torch.full((4, rows), float("-inf")), torch.zeros(4, rows))
+    r_in = (n0 - 15.0).float()
+    r_out, p_out = torch.empty(rows), torch.empty(rows, cols, dtype=p_dtype)
+    triton_fold.fold_triton(z.clone(), b_p, b_r, stats, 0.05, transform, p_out, r_in, r_out, None)
+    assert torch.isfinite(p_out).all(), f"P overflowed {p_dtype}"
+    assert ((r_out == r_in) | (r_out.double() - n0).abs().le(1e-4)).all()
+    want_p = torch.exp(zp - r_out.double()[:, None]) * scale * (1 - (zp / cap) ** 2)
+    # z − r is rounded at |z| ≈ 30 · 2⁻²⁴ before exp: STREAM_TOL, not FOLD_TOL, for fp32 P this far above 1
+    assert rel(p_out, want_p) <= (STREAM_TOL if p_dtype == torch.float32 else BF16_TOL)
