@@ -15,15 +15,22 @@ Imports only torch (and the Triton self-check, lazily).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import replace
 
 import torch
 
 from edpo_plugin.ops.cost_model import Gpu, gpu_model, plan_seconds
-from edpo_plugin.ops.engine import fp32_output_gemms
+from edpo_plugin.ops.engine import tensor_core_gemms
 from edpo_plugin.ops.launches import launches, workspace_bytes
-from edpo_plugin.ops.plan import CPU_TILES, DEFAULT_WORKSPACE_MB, TOKEN_CHUNKS, VOCAB_CHUNKS, HeadPlan, HeadShape
+from edpo_plugin.ops.plan import (
+    CPU_TILES,
+    DEFAULT_WORKSPACE_MB,
+    TOKEN_CHUNKS,
+    VOCAB_CHUNKS,
+    HeadPlan,
+    HeadShape,
+    interpreting,
+)
 
 IMPLS = ("auto", "naive", "chunked", "triton")
 
@@ -36,17 +43,12 @@ def triton_available() -> bool:
     return True
 
 
-def triton_interpreting() -> bool:
-    """Whether Triton kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``: tests, slow)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_triton_usable(device_type: str, setting: str = "impl='triton'") -> None:
     """Refuse the Triton head where it cannot run: without the ``triton`` package, or on a ``device_type`` other than
     ``"cuda"`` unless Triton's CPU interpreter is on. ``setting`` names the option as the caller's user wrote it
     (``impl='triton'``, ``edpo_head='triton'``, ``edpo_head: triton``)."""
     cpu_choices = "'auto' (the chunked PyTorch head off CUDA), 'chunked' or 'naive'"
-    if device_type != "cuda" and not triton_interpreting():
+    if device_type != "cuda" and not interpreting():
         raise ValueError(
             f"{setting} needs a CUDA GPU: the Triton head's kernels compile for CUDA devices, and this run is on "
             f"{device_type} (torch.cuda.is_available() is {torch.cuda.is_available()}). On this machine use "
@@ -101,7 +103,7 @@ def choose_plan(
     bucketed = replace(shape, tokens=_bucket(shape.tokens), valid=_bucket(shape.valid))
     gpu = gpu_model(device)
     impls = ("triton", "chunked") if impl == "auto" else (impl,)
-    tensor_cores = shape.dtype in (torch.bfloat16, torch.float16) and fp32_output_gemms(device)
+    tensor_cores = tensor_core_gemms(device, shape.dtype)
     plan = _best_plan(bucketed, impls, gpu, budget, tensor_cores, token_chunk, vocab_chunk)
     if impl == "auto" and plan.impl == "triton" and not _triton_usable(device, shape.dtype):
         plan = _best_plan(bucketed, ("chunked",), gpu, budget, tensor_cores, token_chunk, vocab_chunk)

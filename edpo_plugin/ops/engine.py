@@ -138,6 +138,12 @@ def fp32_output_gemms(device: torch.device) -> bool:
     return works
 
 
+def tensor_core_gemms(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a plan for ``dtype`` inputs on ``device`` multiplies them as they are, writing fp32 (CUDA, bf16 /
+    fp16, where :func:`fp32_output_gemms`), rather than on fp32 copies."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fp32_output_gemms(device)
+
+
 def gemm_operand(t: torch.Tensor, tensor_cores: bool) -> torch.Tensor:
     """``t`` as a GEMM operand: itself on the tensor-core path or when fp32, an fp32 copy otherwise."""
     return t if tensor_cores else t.float()

@@ -407,8 +407,10 @@ def _torch_grad_probs(L: _Launches, cols: int, ep: int) -> None:
         _derivative_ops(L, "grad P target", rows)
     for name in ("z_y − max", "− log Σ"):
         L.op(f"grad P: {name}", 8 * rows, 4 * rows)
-    for name in ("exp", "neg", "1 −", "·g", "·slope"):
-        L.op(f"grad P: {name}", (8 if name in ("·g",) or (name == "·slope" and tr.softcap) else 4) * rows, 4 * rows)
+    L.op("grad P: expm1", 4 * rows, 4 * rows)  # 1 − p_y = −expm1(·)
+    L.op("grad P: neg", 4 * rows, 4 * rows)
+    L.op("grad P: ·g", 8 * rows, 4 * rows)
+    L.op("grad P: ·slope", (8 if tr.softcap else 4) * rows, 4 * rows)  # the slope is a tensor under a soft cap
     L.op("grad P: y ≥ v0", 8 * rows, rows)
     L.op("grad P: y < v1", 8 * rows, rows)
     L.op("grad P: inside", 2 * rows, rows)

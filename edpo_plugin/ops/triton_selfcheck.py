@@ -64,13 +64,13 @@ def _probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton head agrees with the chunked head, else a description of the first disagreement."""
     from edpo_plugin.ops.chunked import PlanRequest, fused_linear_logprobs
     from edpo_plugin.ops.contract import HeadCall, HeadOperands
-    from edpo_plugin.ops.engine import fp32_output_gemms
+    from edpo_plugin.ops.engine import tensor_core_gemms
     from edpo_plugin.ops.plan import CPU_TILES, HeadPlan, interpreting
     from edpo_plugin.ops.transform import LogitTransform
 
     g = torch.Generator().manual_seed(0)
     n, d, vocab = 48, 128, CPU_TILES[1] + 515
-    tensor_cores = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and fp32_output_gemms(device)
+    tensor_cores = tensor_core_gemms(device, dtype)
 
     def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
         return (s * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)

@@ -277,6 +277,6 @@ def test_without_fp32_output_gemms_cuda_plans_upcast(monkeypatch, caplog):
                       shared=True)  # fmt: skip
     cuda = torch.device("cuda")
     assert dispatch.choose_plan(shape, cuda, "chunked").tensor_cores  # CUDA out of reach: taken to have them
-    monkeypatch.setattr(dispatch, "fp32_output_gemms", lambda device: False)
+    monkeypatch.setattr(engine, "fp32_output_gemms", lambda device: False)
     plan = dispatch.choose_plan(shape, cuda, "chunked")
     assert not plan.tensor_cores and plan.p_dtype == torch.float32
