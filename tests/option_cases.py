@@ -63,6 +63,7 @@ REFUSED = [
     Refused("f_divergence", "f_divergence_type", {"f_divergence_type": "js_divergence"},
             "set f_divergence_type='reverse_kl'"),
     Refused("ld_alpha", "ld_alpha", {"ld_alpha": 0.5}, "leave ld_alpha unset"),
+    Refused("sync_ref", "sync_ref_model", {"sync_ref_model": True}, "set sync_ref_model=False"),
     Refused("wpo", "use_weighting", {"use_weighting": True}, "set use_weighting=False",
             {"dpo_use_weighting": True}, "set dpo_use_weighting: false"),
     Refused("liger", "use_liger_kernel", {"use_liger_kernel": True},

@@ -214,6 +214,11 @@ REFUSALS: tuple[Refusal, ...] = (
         "{setting} (WPO weighting) is not part of {method}: set {fix}.", fix=False,
     ),
     Refusal(
+        "sync_ref_model", bool,
+        "{setting} (TR-DPO) moves the reference toward the policy during training, but {method}'s perturbed policies "
+        "and β update are defined against a fixed reference: set {fix}.", fix=False,
+    ),
+    Refusal(
         "use_liger_kernel", bool,
         "{setting} selects TRL's Liger DPO loss, which {method} replaces with its own fused head: set {fix} and "
         "choose the head with {edpo_head}.", fix=False,

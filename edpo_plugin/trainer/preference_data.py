@@ -56,7 +56,7 @@ def check_preference_columns(dataset: Any, name: str) -> None:
             empty = [i for i, value in enumerate(values[column]) if value is None]
             if empty:
                 raise ValueError(f"{name} rows {empty[:10]} have no {column!r} value (null). Drop or fix these rows.")
-        prompt_sizes = []
+        prompt_sizes, repeated = [], []
         for i, row in enumerate(zip(*values.values(), strict=True)):
             kinds = {"messages" if isinstance(v, list) else type(v).__name__ for v in row}
             if len(kinds) > 1 or not kinds <= {"messages", "str"}:
@@ -65,6 +65,16 @@ def check_preference_columns(dataset: Any, name: str) -> None:
                     f"{name} row {i}: {described}; TRL needs them all strings or all message lists. {_TRL_FORMATS}"
                 )
             prompt_sizes.append(len(row[0]) if "prompt" in values else common_start(row[0], row[1]))
+            if "prompt" in values and row[0] and all(c[: len(row[0])] == row[0] for c in row[1:]):
+                repeated.append(i)
+        if repeated:
+            raise ValueError(
+                f"{name} rows {repeated[:10]} ({len(repeated)} of {len(prompt_sizes)}): 'chosen' and 'rejected' both "
+                "begin with the 'prompt' (the whole conversation in each), and TRL's DPO puts the prompt before each "
+                "completion: the prompt would be written twice and scored as part of both answers. With a 'prompt' "
+                f"column, 'chosen' and 'rejected' hold only the answer; or drop 'prompt' for the implicit form. "
+                f"{_TRL_FORMATS}"
+            )
         no_prompt = [i for i, size in enumerate(prompt_sizes) if size == 0]
         conversations_with_prompt = not no_prompt and all(isinstance(v, list) for v in values["chosen"])
         if unread and not conversations_with_prompt:  # a shared start of two answers is no prompt

@@ -127,8 +127,13 @@ def _answer(text: str) -> list[dict]:
          r"row 0: 'prompt' is list, 'chosen' is str, 'rejected' is str; TRL needs them all strings or all message"),
         ([{"question": "count up from two :", "chosen": "three four", "rejected": "three nine"}] * 4,
          r"no 'prompt' column .*does not read \['question'\]"),
+        ([{"prompt": [USER], "chosen": [USER, *_answer("three four")], "rejected": [USER, *_answer("nine")]}] * 4,
+         r"'chosen' and 'rejected' both begin with the 'prompt'"),
+        ([{**PAIR, "chosen": PAIR["prompt"] + " three four", "rejected": PAIR["prompt"] + " nine"}] * 4,
+         r"rows \[0, 1, 2, 3\] \(4 of 4\): 'chosen' and 'rejected' both begin with the 'prompt'"),
     ],
-    ids=["empty-prompt", "implicit-without-start", "mixed-kinds", "prompt-under-another-name"],
+    ids=["empty-prompt", "implicit-without-start", "mixed-kinds", "prompt-under-another-name",
+         "prompt-repeated-in-messages", "prompt-repeated-in-strings"],
 )  # fmt: skip
 def test_dataset_without_a_usable_prompt_is_refused(tiny_default, tmp_path, rows, match):
     with pytest.raises(ValueError, match=match) as refused:

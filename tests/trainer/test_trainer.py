@@ -64,8 +64,10 @@ def _streams64(model64, ref64, batch, eps):
     return seq(z), seq(zr), seq((1 + eps) * zd - eps * zr), seq((1 - eps) * zd + eps * zr)
 
 
-def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_path):
-    trainer = _trainer(tiny_default, tmp_path)
+@pytest.mark.parametrize("alpha", [0.0, 0.2], ids=["sigmoid", "label_smoothing"])
+def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_path, alpha):
+    """``label_smoothing`` (TRL's field, the conservative-DPO α) reaches the loss: accepted, it must not be ignored."""
+    trainer = _trainer(tiny_default, tmp_path, label_smoothing=alpha)
     # move the policy away from the reference so that decisions are not all 0
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -81,7 +83,7 @@ def test_step_loss_and_gradients_match_float64_full_logits(tiny_default, tmp_pat
     pol, ref, plus, minus = _streams64(model64, ref64, batch, EPS)
     (pc, pr), (rc, rr), (plc, plr), (mic, mir) = (t.chunk(2) for t in (pol, ref, plus, minus))
     s = decisions64(pc.detach(), pr.detach(), plc, plr, mic, mir)
-    want = loss64(pc, pr, rc, rr, s, BETA, EPS).mean()
+    want = loss64(pc, pr, rc, rr, s, BETA, EPS, alpha).mean()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=STEP_LOSS_RTOL)
     n_checked = 0
