@@ -218,6 +218,25 @@ def own_logprobs(side: CheckSide, rows: list[torch.Tensor]) -> OwnForward:
     return merge_own(parts)
 
 
+@contextlib.contextmanager
+def own_attention(causal_lm: torch.nn.Module) -> Iterator[None]:
+    """The model's own attention (sdpa / eager) while the yardstick runs, not ε-DPO's packed form: its unpacked path
+    is code under test, and it never sees what transformers puts in the mask (a sliding window the attention module
+    does not pass on, PhiMoE's). The varlen form stays (FlashAttention-2 may not be loadable here)."""
+    from edpo_plugin.trainer.packed_attention import PACKED_EAGER, PACKED_SDPA
+
+    packed = causal_lm.config._attn_implementation
+    own = {PACKED_SDPA: "sdpa", PACKED_EAGER: "eager"}.get(packed)
+    if own is None:
+        yield
+        return
+    causal_lm.set_attn_implementation(own)
+    try:
+        yield
+    finally:
+        causal_lm.set_attn_implementation(packed)
+
+
 def _logits(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     return model(**kwargs).logits
 
@@ -234,7 +253,7 @@ def check_side(backbones: Backbones, side: CheckSide, batch: MicroBatch, rows: l
     """Compare one model's fused head with its own forward (:func:`compare_with_model`); the largest difference."""
     adapter = "ref" if side.peft_reference and "ref" in unwrapped.peft_config else None
     own_context = use_adapter(unwrapped, adapter_name=adapter) if side.peft_reference else contextlib.nullcontext()
-    with own_context:
+    with own_context, own_attention(side.view.causal_lm):
         own = own_logprobs(side, rows)
     with side.gather():
         got = run_as_forward_of(side.view.module, functools.partial(fused_logprobs, backbones, side, batch))

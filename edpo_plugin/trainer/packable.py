@@ -72,8 +72,29 @@ def packing_obstacles(model: torch.nn.Module, attention: str | None = None) -> l
         obstacles.append("NoPE layers with attn_temperature_tuning (query scaling by the position in the row)")
     if getattr(text, "alibi", None) or getattr(text, "model_type", "") in ("bloom", "mpt"):
         obstacles.append("ALiBi position biases (by the position in the row)")
+    if getattr(text, "sliding_window", None) not in _NEUTRAL and getattr(text, "use_sliding_window", True) is not False:
+        blind = sorted({type(m).__name__ for m in _decoder(causal_lm).modules() if _window_only_in_mask(m)})
+        if blind:
+            obstacles.append(
+                f"a sliding window (sliding_window={text.sliding_window}) that only transformers' attention mask "
+                f"applies: {', '.join(blind)} neither keeps nor passes it, and packed attention takes no mask"
+            )
     obstacles += _sequence_mixers(_decoder(causal_lm), _class_prefix(causal_lm))
     return obstacles
+
+
+def _window_only_in_mask(module: torch.nn.Module) -> bool:
+    """A decoder attention that has no ``sliding_window`` of its own and does not pass one to the attention function
+    (PhiMoE, Doge): its window lives in the mask alone. Mistral passes the config's; Gemma-2 and Qwen-2 keep theirs
+    per layer (``None`` on full-attention layers)."""
+    if not type(module).__name__.endswith("Attention"):
+        return False
+    if hasattr(module, "sliding_window"):
+        return False
+    try:
+        return "sliding_window" not in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):  # no source to read: the first-step check compares with the model's own attention
+        return False
 
 
 def check_packable(model: torch.nn.Module, attention: str | None = None) -> None:

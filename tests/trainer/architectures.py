@@ -489,7 +489,8 @@ PACKING_REFUSED = {
     "falcon-mamba": "FalconMambaMixer",
 }
 _HYBRID = dict(COMMON, num_hidden_layers=2)
-# Built only to be refused: recurrent hybrids, ALiBi, Llama-4's NoPE temperature; (config, model, kwargs, feature)
+# Built only to be refused: recurrent hybrids, ALiBi, Llama-4's NoPE temperature, windows only in the mask;
+# (config, model, kwargs, feature)
 REFUSED_ONLY = {
     "jamba": ("JambaConfig", "JambaForCausalLM", dict(_HYBRID, num_experts=2, num_experts_per_tok=1,
               attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False),
@@ -512,6 +513,11 @@ REFUSED_ONLY = {
     "llama4-nope": ("Llama4TextConfig", "Llama4ForCausalLM", dict(_HYBRID, num_local_experts=4, num_experts_per_tok=1,
                     intermediate_size_mlp=64, interleave_moe_layer_step=1, no_rope_layers=[1, 0], floor_scale=4),
                     "NoPE layers with attn_temperature_tuning"),
+    # a window only transformers' mask applies: the attention neither keeps nor passes it
+    "phimoe-window": ("PhimoeConfig", "PhimoeForCausalLM", dict(_HYBRID, num_local_experts=4, sliding_window=4),
+                      "that only transformers' attention mask applies: PhimoeAttention"),
+    "doge-window": ("DogeConfig", "DogeForCausalLM", dict(_HYBRID, sliding_window=4),
+                    "that only transformers' attention mask applies: DogeAttention"),
 }  # fmt: skip
 
 

@@ -24,6 +24,8 @@ from edpo_plugin.trainer.model_head import describe_head
 from tests.numerics import MODEL_LOGPROB_ATOL
 from tests.trainer.architectures import ARCHS, EPSILON, Arch, arch_params, build_model, head_input, tiny_batch
 from tests.trainer.builders import (
+    edpo_config,
+    edpo_trainer,
     perturb_,
     short_trainer,
     tiny_config,
@@ -277,3 +279,28 @@ def test_evaluation_is_checked_too(tiny_default, tmp_path, monkeypatch):
     trainer.eval_dataset = trainer.train_dataset
     with pytest.raises(HeadMismatchError, match=r"LlamaForCausalLM \(policy\): with padding_free=True"):
         trainer.evaluate()
+
+
+def test_the_check_compares_with_the_models_own_attention(tiny_default, tmp_path, monkeypatch):
+    """The yardstick runs the model's own attention, not the packed form under test: a packed attention that forgets
+    Mistral's sliding window is stopped by evaluate()'s check (with the packed form as its own yardstick it passed),
+    and the packed form is back afterwards."""
+    import transformers
+    from datasets import Dataset
+
+    from edpo_plugin.trainer import packed_attention
+    from tests.trainer.builders import ATTENTION_BITES
+    from tests.varied_rows import varied_rows
+
+    monkeypatch.setattr(packed_attention, "_window", lambda module, kwargs: None)
+    tok = tokenizer(tiny_default)
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**tiny_config(tok, sliding_window=4, **ATTENTION_BITES))
+    config._attn_implementation = "sdpa"
+    model = transformers.MistralForCausalLM(config).float().eval()
+    dataset = Dataset.from_list(varied_rows(tiny_default["train"], 8))
+    trainer = edpo_trainer(tiny_default, model, edpo_config(tmp_path, padding_free=True, max_steps=1), dataset)
+    trainer.eval_dataset = trainer.train_dataset
+    with pytest.raises(HeadMismatchError, match=r"MistralForCausalLM \(policy\): with padding_free=True"):
+        trainer.evaluate()
+    assert trainer.model.config._attn_implementation == packed_attention.PACKED_SDPA
