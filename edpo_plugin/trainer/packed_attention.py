@@ -136,6 +136,7 @@ def _allowed(n_query: int, n_prefix: int, window: int | None, device: torch.devi
 
 def _per_sequence(run: Callable, module, query, key, value, layout: PackedLayout, window, **kwargs) -> torch.Tensor:
     """``[1, N, H, D]``: ``run(module, q, k, v, mask_or_None, **kwargs)`` once per packed sequence."""
+    _no_cache(query, key)
     outputs = []
     for s in layout.segments:
         q = query[:, :, s.start : s.start + s.length]
@@ -177,6 +178,16 @@ def _window(module: torch.nn.Module, kwargs: dict) -> int | None:
     """The sliding window of this layer: as the model passes it to its attention, else the module's own."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     return int(window) if window else None
+
+
+def _no_cache(query: torch.Tensor, key: torch.Tensor) -> None:
+    """A packed row's keys are its own tokens: keys in front of them (a cache, PEFT prefix tuning) would shift every
+    sequence's bounds."""
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"A packed row of {query.shape[2]} tokens got {key.shape[2]} keys (a cache or a prefix in front of it); "
+            "padding_free=True runs packed rows without one. Set padding_free=False."
+        )
 
 
 def _unpacked_row(query: torch.Tensor, key: torch.Tensor) -> int:
@@ -304,6 +315,7 @@ def packed_flash_forward(module, query, key, value, attention_mask, **kwargs) ->
         bounds = (cu_q, cu_k, n_q, n_cache + n_q)
     else:
         layout.attention_calls += 1
+        _no_cache(query, key)
         if layout.kv_index is not None:
             k, v = k.index_select(0, layout.kv_index), v.index_select(0, layout.kv_index)
         bounds = (layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_length_q, layout.max_length_k)

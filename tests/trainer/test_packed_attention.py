@@ -284,3 +284,18 @@ def test_torch_varlen_adapter_keeps_flash_attn_semantics(release, window):
     got = kernel(*args, scale=0.3, window=window, softcap=None, dropout=0.0)
     want = reference_varlen(*args, scale=0.3, window=window, softcap=None, dropout=0.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_packed_forward_with_keys_in_front_is_refused():
+    """Keys in front of a packed row's own (PEFT prefix tuning's key/value prefix; a cache) would shift every
+    sequence's bounds: refused, not attended (prefix tuning through a packed forward was 0.28 nats off each row's own
+    forward). The trainer refuses prompt learning before it gets here; this is the attention's own guard."""
+    import peft
+
+    base = _llama("sdpa")
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    use_packed_attention(base)
+    _, ids, mask = _pairs()
+    packed = pack_rows(ids, mask)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"got \d+ keys \(a cache or a prefix in front of it\)"):
+        model(**packed.model_kwargs(), use_cache=False)
