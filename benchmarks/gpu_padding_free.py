@@ -110,7 +110,7 @@ def step_times(device: torch.device, dtype: torch.dtype, layers: int, pairs: int
             kwargs = make()
             seconds = run(kwargs)
             if LAYOUT_KWARG in kwargs:
-                kwargs[LAYOUT_KWARG].check_reached("LlamaForCausalLM")
+                kwargs[LAYOUT_KWARG].check_reached(model)
             if i:
                 times[name].append(seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}

@@ -38,7 +38,7 @@ class PaddedBatch(NamedTuple):
         sums that differ by O(ε) and must not flip by rounding (fp32 sums of a few thousand tokens do)."""
         return token_logps.double().sum(-1)
 
-    def forward_done(self, what: str) -> None:
+    def forward_done(self, model: torch.nn.Module, what: str) -> None:
         """Nothing to check after a padded forward."""
 
     @property

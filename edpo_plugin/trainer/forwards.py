@@ -107,10 +107,10 @@ class Backbones:
         kwargs = {**batch.model_kwargs(), "use_cache": False}
         policy_kwargs = {**kwargs, "output_router_logits": True} if router_logits else kwargs
         policy = self.head_input(model, view, policy_kwargs, inside_forward)
-        batch.forward_done(type(view.causal_lm).__name__)
+        batch.forward_done(view.causal_lm, type(view.causal_lm).__name__)
         gathered = contextlib.ExitStack()
         ref_hidden, ref_view, ref_adapters = self.reference(model, view, kwargs, inside_forward, gathered)
-        batch.forward_done(f"{type(ref_view.causal_lm).__name__} (reference)")
+        batch.forward_done(ref_view.causal_lm, f"{type(ref_view.causal_lm).__name__} (reference)")
         return Forwards(policy, view, ref_hidden, ref_view, ref_adapters, gathered)
 
     def streams(self, forwards: Forwards, batch: MicroBatch) -> LinearLogprobs:

@@ -61,8 +61,8 @@ class PackedLayout:
     """Where each packed sequence's queries and keys lie in a row ``[1, N]``, for every attention layer.
 
     ``segments`` are host ints (the SDPA and eager forms slice by them); the FlashAttention form reads the device
-    tensors. ``attention_calls`` counts the layers that read this layout, so a forward whose model did not pass it on
-    to its attention is caught (:meth:`check_reached`).
+    tensors. The attention modules that read this layout are recorded (:meth:`read_by`), so a forward whose model did
+    not pass it on to its attention, in any layer, is caught (:meth:`check_reached`).
     """
 
     segments: tuple[Segment, ...]
@@ -72,6 +72,7 @@ class PackedLayout:
     max_length_k: int
     kv_index: torch.Tensor | None  # int64 [Σ (P + L)]: packed position of each gathered key; None: keys = queries
     attention_calls: int = field(default=0, compare=False)
+    readers: set[int] = field(default_factory=set, compare=False)  # id() of the attention modules that read it
 
     @classmethod
     def from_segments(cls, segments: tuple[Segment, ...], device: torch.device) -> PackedLayout:
@@ -101,15 +102,25 @@ class PackedLayout:
             kv_index=kv_index,
         )
 
-    def check_reached(self, model_name: str, expected_calls: int | None = None) -> None:
-        """After a forward: raise unless some attention layer read this layout (and, when given, as many as
-        ``expected_calls``); then reset the count."""
-        calls, self.attention_calls = self.attention_calls, 0
-        if calls == 0 or (expected_calls is not None and calls != expected_calls):
+    def read_by(self, module: torch.nn.Module) -> None:
+        """Record that ``module`` (an attention layer) attended over this layout."""
+        self.attention_calls += 1
+        self.readers.add(id(module))
+
+    def check_reached(self, model: torch.nn.Module, name: str | None = None) -> None:
+        """After a forward of ``model``: raise unless an attention layer read this layout and every other module of
+        the classes that did read it too (a layer that dropped the forward's keyword arguments would attend across
+        the packed sequences); then reset the record."""
+        calls, readers = self.attention_calls, self.readers
+        self.attention_calls, self.readers = 0, set()
+        kinds = {type(m) for m in model.modules() if id(m) in readers}
+        missed = [n for n, m in model.named_modules() if type(m) in kinds and id(m) not in readers]
+        if calls == 0 or missed:
             raise ValueError(
-                f"padding_free=True: {model_name}'s attention layers read the packed layout {calls} times "
-                f"(expected {expected_calls or 'at least once'}): its forward does not pass keyword arguments on to "
-                "its attention, so the packed sequences would attend to each other. Set padding_free=False."
+                f"padding_free=True: {name or type(model).__name__}'s attention layers read the packed layout "
+                f"{calls} times{f', not in {missed[:4]}' if missed else ''}: its forward does not pass keyword "
+                "arguments on to its attention, so the packed sequences would attend to each other. Set "
+                "padding_free=False."
             )
 
 
@@ -212,7 +223,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs) -> 
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         n_cache = _unpacked_row(query, key)
         return _sdpa_sequence(module, query, key, value, n_cache, window, **kwargs), None
-    layout.attention_calls += 1
+    layout.read_by(module)
     return _per_sequence(_sdpa_sequence, module, query, key, value, layout, window, **kwargs), None
 
 
@@ -226,7 +237,7 @@ def packed_eager_forward(module, query, key, value, attention_mask, **kwargs) ->
             return _model_eager(module)(module, query, key, value, attention_mask, **kwargs)
         n_cache = _unpacked_row(query, key)
         return _eager_sequence(module, query, key, value, n_cache, window, **kwargs), None
-    layout.attention_calls += 1
+    layout.read_by(module)
     return _per_sequence(_eager_sequence, module, query, key, value, layout, window, **kwargs), None
 
 
@@ -314,7 +325,7 @@ def packed_flash_forward(module, query, key, value, attention_mask, **kwargs) ->
         cu_k = torch.tensor([0, n_cache + n_q], dtype=torch.int32).to(q.device, non_blocking=True)
         bounds = (cu_q, cu_k, n_q, n_cache + n_q)
     else:
-        layout.attention_calls += 1
+        layout.read_by(module)
         _no_cache(query, key)
         if layout.kv_index is not None:
             k, v = k.index_select(0, layout.kv_index), v.index_select(0, layout.kv_index)

@@ -53,9 +53,10 @@ class PackedBatch(NamedTuple):
         """float64 ``[R]`` per-row sums of the ``[1, M]`` label log-probs (:func:`segment_logps`)."""
         return segment_logps(token_logps, self.segment_ids, self.n_rows)
 
-    def forward_done(self, what: str) -> None:
-        """After a forward of this row: every attention layer read the layout (:meth:`PackedLayout.check_reached`)."""
-        self.layout.check_reached(what)
+    def forward_done(self, model: torch.nn.Module, what: str) -> None:
+        """After ``model``'s forward of this row: every attention layer read the layout
+        (:meth:`PackedLayout.check_reached`)."""
+        self.layout.check_reached(model, what)
 
     @property
     def backbone_positions(self) -> int:

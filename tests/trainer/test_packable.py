@@ -71,7 +71,7 @@ def test_padding_free_is_exact_or_refused(arch: Arch, attn: str):
         packed = pack_rows(ids, mask, share_prefixes=share)
         with torch.no_grad():
             logits = model(**packed.model_kwargs(), use_cache=False).logits[:, packed.label_index]
-        packed.layout.check_reached(arch.model_cls)
+        packed.layout.check_reached(model)
         assert (gather_logprobs(logits, packed.labels) - want).abs().max().item() <= PACKED_TOL, (
             f"share_prefixes={share}"
         )

@@ -215,26 +215,30 @@ def _no_sync_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
     return torch.zeros_like(q)
 
 
-def test_a_model_that_drops_the_layout_is_refused(monkeypatch):
-    """A forward that does not pass its keyword arguments on to attention never shows the layout to it: the packed
-    sequences would attend to each other, so the forward's end raises."""
+@pytest.mark.parametrize("layers", ["every", "one"])
+def test_a_model_that_drops_the_layout_is_refused(monkeypatch, layers):
+    """A forward that does not pass its keyword arguments on to attention never shows the layout to it, in every
+    layer or in one: the packed sequences would attend to each other there, so the forward's end raises."""
     from transformers.models.llama import modeling_llama
 
     real_forward = modeling_llama.LlamaAttention.forward
+    model = _llama()
+    dropping = model.model.layers[1].self_attn
 
     def forward_dropping_kwargs(self, hidden_states, position_embeddings, attention_mask, **kwargs):
-        kwargs.pop(packed_attention.LAYOUT_KWARG, None)
+        if layers == "every" or self is dropping:
+            kwargs.pop(packed_attention.LAYOUT_KWARG, None)
         return real_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
 
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward_dropping_kwargs)
-    model = _llama()
     use_packed_attention(model)
     rows, ids, mask = _pairs()
     packed = pack_rows(ids, mask)
     with torch.no_grad():
         model(**packed.model_kwargs(), use_cache=False)
-    with pytest.raises(ValueError, match="read the packed layout 0 times"):
-        packed.layout.check_reached("LlamaForCausalLM")
+    match = "read the packed layout 0 times" if layers == "every" else r"1 times, not in \['model.layers.1.self_attn'\]"
+    with pytest.raises(ValueError, match=match):
+        packed.layout.check_reached(model)
 
 
 def test_an_unpacked_padded_batch_is_refused():
