@@ -44,6 +44,8 @@ def trl_settings(data: dict[str, Any]) -> tuple[dict[str, Any], Spelling]:
     trl = data.get("trl")
     if isinstance(trl, dict) and trl.get("beta") is not None:
         values["beta"], names["beta"] = trl["beta"], "trl.beta"
+    elif values["beta"] is None and data.get("dpo_beta") is not None:  # Axolotl moves it to rl_beta later
+        values["beta"], names["beta"] = data["dpo_beta"], "dpo_beta"
     if not values["context_parallel_size"] and data.get("sequence_parallel_degree"):
         values["context_parallel_size"] = data["sequence_parallel_degree"]
         names["context_parallel_size"] = "sequence_parallel_degree"
@@ -89,6 +91,11 @@ class EDPOChecks(BaseModel):
         if not isinstance(data, dict) or data.get("trainer_cls") != TRAINER_CLS:
             return data
         values, spelling = trl_settings(data)
+        if data.get("orpo_alpha") is not None:
+            raise ValueError(
+                "orpo_alpha is ORPO's weight, and with rl: edpo Axolotl would pass it on as the initial β (when "
+                "neither trl.beta nor rl_beta is set). Remove orpo_alpha; set the initial β with rl_beta."
+            )
         # the machine that validates is the one that trains (not so for a Ray driver: Axolotl skips its GPU checks
         # there too, nor for the commands that never train)
         training_here = not any(data.get(k) for k in (*_NOT_TRAINING, "use_ray"))

@@ -27,8 +27,12 @@ def _any(value: Any) -> bool:
     return True
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _positive_or_unset(value: Any) -> bool:
-    return value is None or int(value) >= 1
+    return value is None or _positive(value)
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,17 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "edpo_head_token_chunk", "edpo_head_token_chunk", int | None, None,
         "Completion tokens per chunk in the fused head; unset (None): the planner's.",
-        valid=_positive_or_unset, must="be >= 1 or unset",
+        valid=_positive_or_unset, must="be an integer >= 1 or unset",
     ),
     Option(
         "edpo_head_vocab_chunk", "edpo_head_vocab_chunk", int | None, None,
         "Vocabulary columns per tile in the fused head; unset (None): the planner's.",
-        valid=_positive_or_unset, must="be >= 1 or unset",
+        valid=_positive_or_unset, must="be an integer >= 1 or unset",
     ),
     Option(
         "edpo_head_workspace_mb", "edpo_head_workspace_mb", int, DEFAULT_WORKSPACE_MB,
         "CUDA: the most memory (MiB) the fused head's plan may hold beyond its inputs and outputs.",
-        valid=_positive_or_unset, must="be >= 1",
+        valid=_positive, must="be an integer >= 1",
     ),
     Option(
         "edpo_head_check", "edpo_head_check", bool, True,
