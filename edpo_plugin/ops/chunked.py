@@ -147,7 +147,9 @@ def _forward(ctx, call: HeadCall, request: PlanRequest, shard: VocabShard | None
     same_dtype = hidden.dtype == ref_hidden.dtype == weight.dtype == ref_weight.dtype
     shape = HeadShape(tokens=n_tokens, valid=int(valid_idx.shape[0]), dim=d, vocab=weight.shape[0],
                       dtype=hidden.dtype if same_dtype else torch.float32, head=head, shared=ref.w is policy.w,
-                      bias=bias is not None, ref_bias=ref_bias is not None, transform=transform)  # fmt: skip
+                      bias=bias is not None, ref_bias=ref_bias is not None, transform=transform,
+                      label_bytes=labels.element_size(), want_hidden=want_hidden, want_weight=ctx.needs_input_grad[1],
+                      want_bias=bias is not None and ctx.needs_input_grad[2])  # fmt: skip
     plan = _plan_for(request, shape, hidden.device)
     kernels = kernels_of(plan)
 

@@ -301,7 +301,7 @@ def _recompute_backward(L: _Launches) -> None:
     plan, shape = L.plan, L.shape
     m, d, vocab, e, tc = shape.valid, shape.dim, shape.vocab, shape.elem, plan.tensor_cores
     eg = e if tc else 4
-    want_h, want_w, want_b = shape.want_hidden, shape.want_weight, shape.bias
+    want_h, want_w, want_b = shape.want_hidden, shape.want_weight, shape.bias and shape.want_bias
     L.copy_if(not tc and e != 4, "h .float()", m * d, e, 4)
     if want_b:
         L.op("grad b = 0", 0, 4 * vocab)
@@ -370,7 +370,7 @@ def _probs_backward(L: _Launches) -> None:
     m, d, vocab, e, tc = shape.valid, shape.dim, shape.vocab, shape.elem, plan.tensor_cores
     eg = e if tc else 4
     ep = torch.empty((), dtype=plan.p_dtype).element_size()
-    want_h, want_w, want_b = shape.want_hidden, shape.want_weight, shape.bias
+    want_h, want_w, want_b = shape.want_hidden, shape.want_weight, shape.bias and shape.want_bias
     L.copy_if(not tc and e != 4, "h .float()", m * d, e, 4)
     for cols, first, n_tiles in _groups(plan.vocab_tiles(vocab)):
         L.times = n_tiles

@@ -77,6 +77,7 @@ class HeadShape:
     label_bytes: int = 8
     want_hidden: bool = True
     want_weight: bool = True  # trainable head: the weight needs grad (else only the bias)
+    want_bias: bool = True  # trainable head with a bias: the bias needs grad
 
     @property
     def elem(self) -> int:
