@@ -1,7 +1,7 @@
 """The preference data as TRL hands it over: the columns a run needs, checked before training, and the doubled BOS a
 chat template leaves in a tokenized row.
 
-Imports torch only.
+Imports torch and TRL's data utilities (its implicit-prompt rule).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import torch
+from trl.data_utils import extract_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,13 @@ def check_preference_columns(dataset: Any, name: str) -> None:
                 raise ValueError(
                     f"{name} row {i}: {described}; TRL needs them all strings or all message lists. {_TRL_FORMATS}"
                 )
-            prompt_sizes.append(len(row[0]) if "prompt" in values else common_start(row[0], row[1]))
-            if "prompt" in values and row[0] and all(c[: len(row[0])] == row[0] for c in row[1:]):
-                repeated.append(i)
+            if "prompt" in values:
+                prompt = row[0]
+                if prompt and all(c[: len(prompt)] == prompt for c in row[1:]):
+                    repeated.append(i)
+            else:  # TRL's implicit prompt: the start chosen and rejected share
+                prompt = extract_prompt({"chosen": row[0], "rejected": row[1]})["prompt"]
+            prompt_sizes.append(len(prompt))
         if repeated:
             raise ValueError(
                 f"{name} rows {repeated[:10]} ({len(repeated)} of {len(prompt_sizes)}): 'chosen' and 'rejected' both "
@@ -90,16 +95,6 @@ def check_preference_columns(dataset: Any, name: str) -> None:
                 "ε-DPO: %s rows %s (%d of %d) have no prompt (%s): they train on the completions alone.",
                 name, no_prompt[:10], len(no_prompt), len(prompt_sizes), where,
             )  # fmt: skip
-
-
-def common_start(chosen: str | list, rejected: str | list) -> int:
-    """The length (messages or characters) of the start ``chosen`` and ``rejected`` share: TRL's implicit prompt."""
-    size = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        size += 1
-    return size
 
 
 def drop_duplicate_bos(inputs: dict[str, torch.Tensor], bos: int | None, pad: int | None) -> tuple[dict, int]:
