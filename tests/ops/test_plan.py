@@ -280,3 +280,42 @@ def test_without_fp32_output_gemms_cuda_plans_upcast(monkeypatch, caplog):
     monkeypatch.setattr(engine, "fp32_output_gemms", lambda device: False)
     plan = dispatch.choose_plan(shape, cuda, "chunked")
     assert not plan.tensor_cores and plan.p_dtype == torch.float32
+
+
+def test_lazy_fold_second_pass_costs_only_the_moved_rows(monkeypatch):
+    """The lazy fold's second pass (P rewritten and D rescaled against a moved reference) touches only the rows whose
+    reference moved, as the plan's fold kernel prices it (``moved`` = their share): one moved row in each of three
+    programs, the kernel's loads and stores counted in the interpreter, against the planned fold alone."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from edpo_plugin.ops import launches as launch_list
+    from edpo_plugin.ops import triton_fold
+    from edpo_plugin.ops.engine import RunningStats
+    from edpo_plugin.ops.plan import lazy_tau
+
+    def blocks(kind, cols, interpreted):
+        return (16, 32, 4)
+
+    monkeypatch.setattr(triton_fold, "fold_blocks", blocks)
+    monkeypatch.setattr(launch_list, "fold_blocks", blocks)
+    rows, cols, dim = 37, 101, 24
+    g = torch.Generator().manual_seed(5)
+    z = torch.zeros(4, rows, cols)
+    z[0], z[1] = 3 * torch.randn(rows, cols, generator=g), 3 * torch.randn(rows, cols, generator=g)
+    b_p, b_r = torch.randn(cols, generator=g), torch.randn(cols, generator=g)
+    stats = RunningStats(torch.full((4, rows), -50.0), torch.ones(4, rows))  # an earlier tile's, far below this one
+    top = (z[0] + b_p).amax(1)
+    moved = torch.zeros(rows, dtype=torch.bool)
+    moved[[0, 16, 32]] = True  # programs of 16 rows: one moved row in each
+    r_in = torch.where(moved, top - 3 * lazy_tau(torch.float32, LogitTransform()), top - 1.0)
+    r_out, p_out, direction = torch.empty(rows), torch.empty(rows, cols), torch.randn(rows, dim, generator=g)
+    count = Count()
+    with triton_counted(count):
+        triton_fold.fold_triton(z, b_p, b_r, stats, 0.1, LogitTransform(), p_out, r_in, r_out, direction)
+    assert torch.equal(r_out != r_in, moved)
+    # the fold of a later tile (the first writes D by its GEMM, nothing to rescale) in a plan of two such tiles
+    shape = HeadShape(tokens=rows, valid=rows, dim=dim, vocab=2 * cols, dtype=torch.float32, head="frozen",
+                      shared=False, bias=True, ref_bias=True)  # fmt: skip
+    plan = HeadPlan("triton", "frozen", rows, cols, False, torch.float32, interpreted=True)
+    planned = [k.bytes for k in launches(plan, shape, moved=3 / rows) if k.name == "fold (Triton)"]
+    assert planned[-1] == count.bytes, (planned, count.log)
